@@ -1,0 +1,1 @@
+"""Training-data preparation: conversions, image statistics, partitions, coordinates."""

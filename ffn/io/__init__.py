@@ -1,0 +1,1 @@
+"""Input/output at the edges: volume specs, lazy box reads, atomic writes."""

@@ -1,0 +1,287 @@
+"""Volume specs and lazy, chunked volume access.
+
+Spec syntax (google/ffn compatible, plus image stacks):
+
+* ``path.h5:dataset`` -- an HDF5 dataset;
+* ``name:path.h5:dataset`` -- the same, with a volume name (used by coordinate files and training
+  flags such as ``--data_volumes``);
+* ``dir/`` or ``dir/*.png`` -- a stack of 2D PNG/TIFF slices, one per z, in natural name order
+  (``img2.png`` before ``img10.png``);
+* ``volume.tif`` -- a multi-page TIFF, one page per z.
+
+All arrays are z,y,x (:mod:`ffn.axes`). Reads of a box never load the whole volume: HDF5 reads only
+the chunks that intersect the box, and image stacks read only the slices in the z range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from ffn.axes import BoundingBox
+from ffn.errors import FFNError
+from ffn.io.atomic import atomic_path
+
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".h5py")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeSpec:
+  """A parsed volume spec. ``dataset`` is None for image stacks."""
+  path: str
+  dataset: str | None = None
+  name: str | None = None
+
+  def __str__(self) -> str:
+    text = self.path if self.dataset is None else f"{self.path}:{self.dataset}"
+    return text if self.name is None else f"{self.name}:{text}"
+
+
+def parse_spec(spec: str, require_name: bool = False) -> VolumeSpec:
+  """Parses a volume spec string (see the module docstring)."""
+  if not spec or not isinstance(spec, str):
+    raise FFNError(f"empty volume spec {spec!r}")
+  parts = spec.split(":")
+  if len(parts) == 3:
+    name, path, dataset = parts
+    if not name or not path or not dataset:
+      raise FFNError(f"volume spec {spec!r}: expected name:path.h5:dataset")
+    out = VolumeSpec(path=path, dataset=dataset, name=name)
+  elif len(parts) == 2:
+    path, dataset = parts
+    if not path or not dataset:
+      raise FFNError(f"volume spec {spec!r}: expected path.h5:dataset")
+    out = VolumeSpec(path=path, dataset=dataset)
+  elif len(parts) == 1:
+    out = VolumeSpec(path=spec)
+  else:
+    raise FFNError(f"volume spec {spec!r}: too many ':' (expected [name:]path.h5:dataset)")
+  if require_name and out.name is None:
+    raise FFNError(f"volume spec {spec!r}: a name is required here (name:path.h5:dataset)")
+  return out
+
+
+def parse_named_specs(text: str | Sequence[str]) -> dict[str, VolumeSpec]:
+  """Parses google/ffn's comma-separated ``name:path:dataset,...`` list into {name: spec}."""
+  items = text.split(",") if isinstance(text, str) else list(text)
+  out: dict[str, VolumeSpec] = {}
+  for item in items:
+    item = item.strip()
+    if not item:
+      continue
+    spec = parse_spec(item, require_name=True)
+    if spec.name in out:
+      raise FFNError(f"volume name {spec.name!r} is given twice in {text!r}")
+    out[spec.name] = spec  # type: ignore[index]
+  if not out:
+    raise FFNError(f"no volumes given in {text!r}")
+  return out
+
+
+def _natural_key(text: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def list_slice_files(path: str) -> list[str]:
+  """Image files of a slice stack (a directory or a glob), in natural name order."""
+  if os.path.isdir(path):
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)]
+  else:
+    files = glob.glob(path)
+  files = sorted(files, key=_natural_key)
+  if not files:
+    raise FFNError(f"{path}: no PNG/TIFF slices found")
+  return files
+
+
+def _read_image(path: str) -> np.ndarray:
+  if path.lower().endswith((".tif", ".tiff")):
+    import tifffile
+    return tifffile.imread(path)
+  from PIL import Image
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+class Volume:
+  """Read access to a 3D volume (z,y,x) without loading it whole.
+
+  Index it like a numpy array (``vol[z0:z1, y0:y1, x0:x1]``) or call :meth:`read_box`.
+  Use as a context manager, or call :meth:`close`.
+  """
+
+  def __init__(self, spec: str | VolumeSpec):
+    self.spec = parse_spec(spec) if isinstance(spec, str) else spec
+    self._h5: h5py.File | None = None
+    self._ds = None
+    self._files: list[str] | None = None
+    self._tiff = None
+    path = self.spec.path
+    if self.spec.dataset is not None:
+      if not os.path.exists(path):
+        raise FFNError(f"{path}: file not found (volume {self.spec})")
+      try:
+        self._h5 = h5py.File(path, "r")
+      except OSError as e:
+        raise FFNError(f"{path}: not a readable HDF5 file ({e})") from None
+      if self.spec.dataset not in self._h5:
+        names = _list_datasets(self._h5)
+        self._h5.close()
+        raise FFNError(f"{path}: no dataset {self.spec.dataset!r} (datasets: {', '.join(names) or 'none'})")
+      ds = self._h5[self.spec.dataset]
+      if not isinstance(ds, h5py.Dataset):
+        self._h5.close()
+        raise FFNError(f"{path}:{self.spec.dataset} is a group, not a dataset")
+      if ds.ndim != 3:
+        self._h5.close()
+        raise FFNError(f"{path}:{self.spec.dataset}: expected a 3D (z,y,x) dataset, got shape {ds.shape}")
+      self._ds = ds
+      self.shape: tuple[int, int, int] = tuple(ds.shape)  # type: ignore[assignment]
+      self.dtype = ds.dtype
+    elif os.path.isfile(path) and path.lower().endswith((".tif", ".tiff")):
+      import tifffile
+      self._tiff = tifffile.TiffFile(path)
+      first = self._tiff.pages[0].asarray()
+      self._check_slice(first, path)
+      self.shape = (len(self._tiff.pages),) + first.shape  # type: ignore[assignment]
+      self.dtype = first.dtype
+    elif os.path.isfile(path) and path.lower().endswith(H5_SUFFIXES):
+      raise FFNError(f"{path}: HDF5 volume needs a dataset name (path.h5:dataset)")
+    else:
+      if not os.path.exists(path) and not glob.glob(path):
+        raise FFNError(f"{path}: file or directory not found")
+      self._files = list_slice_files(path)
+      first = _read_image(self._files[0])
+      self._check_slice(first, self._files[0])
+      self.shape = (len(self._files),) + first.shape  # type: ignore[assignment]
+      self.dtype = first.dtype
+
+  @staticmethod
+  def _check_slice(img: np.ndarray, where: str) -> None:
+    if img.ndim != 2:
+      raise FFNError(f"{where}: expected a single-channel 2D slice, got shape {img.shape}")
+
+  def _read_slice(self, z: int) -> np.ndarray:
+    if self._tiff is not None:
+      img = self._tiff.pages[z].asarray()
+      where = f"{self.spec.path} page {z}"
+    else:
+      assert self._files is not None
+      where = self._files[z]
+      img = _read_image(where)
+    if img.shape != self.shape[1:]:
+      raise FFNError(f"{where}: slice shape {img.shape} differs from the first slice {self.shape[1:]}")
+    return img
+
+  def __getitem__(self, key) -> np.ndarray:
+    if self._ds is not None:
+      return self._ds[key]
+    if not isinstance(key, tuple):
+      key = (key,)
+    key = key + (slice(None),) * (3 - len(key))
+    zs = range(self.shape[0])[key[0]] if isinstance(key[0], slice) else [key[0]]
+    planes = [self._read_slice(z)[key[1], key[2]] for z in zs]
+    if not isinstance(key[0], slice):
+      return planes[0]
+    return np.stack(planes) if planes else np.zeros((0,) + self.shape[1:], self.dtype)[:, key[1], key[2]]
+
+  def read_box(self, box: BoundingBox) -> np.ndarray:
+    """Reads a box (start/size in x,y,z) as a z,y,x array; the box must lie inside the volume."""
+    check_box_inside(box, self.shape, str(self.spec))
+    return self[box.to_slices()]
+
+  def read_all(self) -> np.ndarray:
+    return self[:, :, :]
+
+  def close(self) -> None:
+    if self._h5 is not None:
+      self._h5.close()
+      self._h5 = None
+    if self._tiff is not None:
+      self._tiff.close()
+      self._tiff = None
+
+  def __enter__(self) -> "Volume":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _list_datasets(f: h5py.File) -> list[str]:
+  names: list[str] = []
+  f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+  return names
+
+
+def check_box_inside(box: BoundingBox, shape_zyx: Sequence[int], where: str) -> None:
+  """Raises FFNError if ``box`` (x,y,z) is not inside a volume of shape ``shape_zyx``."""
+  size_xyz = np.array(list(reversed(shape_zyx)))
+  if np.any(box.start < 0) or np.any(box.end > size_xyz):
+    raise FFNError(f"{where}: bounding box start={box.start.tolist()} size={box.size.tolist()} (x,y,z) "
+                   f"is outside the volume of size {size_xyz.tolist()} (x,y,z)")
+
+
+def open_volume(spec: str | VolumeSpec) -> Volume:
+  return Volume(spec)
+
+
+_KIND_NAMES = {"u": "unsigned integer", "i": "signed integer", "f": "floating point", "b": "boolean"}
+
+
+def check_dtype(where: str, dtype: np.dtype, kinds: str) -> None:
+  """Raises FFNError unless ``dtype.kind`` is one of ``kinds`` (numpy kind letters, e.g. "ui")."""
+  if np.dtype(dtype).kind not in kinds:
+    allowed = " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
+    raise FFNError(f"{where}: dtype {np.dtype(dtype).name} is not allowed here (expected {allowed})")
+
+
+def read_volume(spec: str | VolumeSpec, box: BoundingBox | None = None,
+                dtype_kinds: str | None = None) -> np.ndarray:
+  """Reads a whole volume (or a box of it) into memory as a z,y,x array.
+
+  ``dtype_kinds``: if given, the allowed numpy dtype kind letters (e.g. "ui" for integers).
+  """
+  with Volume(spec) as vol:
+    if dtype_kinds is not None:
+      check_dtype(str(vol.spec), vol.dtype, dtype_kinds)
+    return vol.read_box(box) if box is not None else vol.read_all()
+
+
+def write_h5(path: str, dataset: str, data: np.ndarray, attrs: dict | None = None,
+             compression: str | None = "gzip", chunks: bool | tuple = True) -> None:
+  """Writes ``data`` as ``path:dataset`` atomically.
+
+  If ``path`` already exists, its other datasets are kept (the file is copied to a temporary name,
+  the dataset replaced there, and the copy renamed over the original).
+  """
+  with atomic_path(path, suffix=".h5") as tmp:
+    if os.path.exists(path):
+      import shutil
+      shutil.copyfile(path, tmp)
+      mode = "a"
+    else:
+      mode = "w"
+    with h5py.File(tmp, mode) as f:
+      if dataset in f:
+        del f[dataset]
+      ds = f.create_dataset(dataset, data=data, compression=compression,
+                            chunks=chunks if data.size else None)
+      for k, v in (attrs or {}).items():
+        ds.attrs[k] = v
+
+
+def write_spec(spec: str | VolumeSpec, data: np.ndarray, attrs: dict | None = None) -> None:
+  """Writes a z,y,x array to an HDF5 spec (``path.h5:dataset``) atomically."""
+  spec = parse_spec(spec) if isinstance(spec, str) else spec
+  if spec.dataset is None:
+    raise FFNError(f"{spec}: output must be an HDF5 spec path.h5:dataset")
+  write_h5(spec.path, spec.dataset, data, attrs)
