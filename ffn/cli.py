@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compute_partitions": ("ffn.data.partitions", "label local-shape partitions (google/ffn flags)"),
     "build_coordinates": ("ffn.data.coordinates",
                           "sample balanced training coordinates to a TFRecord (google/ffn flags)"),
+    "train": ("ffn.training.cli", "train an FFN (google/ffn train.py flags)"),
+    "run_inference": ("ffn.inference.cli", "segment a volume with a trained FFN (InferenceRequest pbtxt)"),
+    "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted Rand error and object counts vs ground truth"),
+    "export": ("ffn.inference.export", "export a segmentation to HDF5 / TIFF / PNG, preview PNG"),
+    "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
 }
 
 
