@@ -1,0 +1,114 @@
+"""Stack -> HDF5 conversion, image statistics and superpixel -> body ground truth."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffn.cli import main
+from ffn.data import convert, groundtruth, stats
+from ffn.errors import FFNError
+
+
+def _write_png_stack(folder, data):
+  folder.mkdir()
+  for z, plane in enumerate(data):
+    Image.fromarray(plane).save(folder / f"slice{z}.png")
+
+
+def test_convert_png_stack_roundtrip_via_cli(tmp_path, capsys):
+  data = np.random.default_rng(0).integers(0, 255, (70, 8, 9), dtype=np.uint8)  # > one slab
+  _write_png_stack(tmp_path / "png", data)
+  assert main(["convert", "--input", str(tmp_path / "png"), "--output", f"{tmp_path}/out.h5:raw"]) == 0
+  with h5py.File(tmp_path / "out.h5", "r") as f:
+    assert f["raw"].dtype == np.uint8
+    np.testing.assert_array_equal(f["raw"][()], data)
+
+
+def test_convert_labels_to_int64(tmp_path):
+  import tifffile
+  labels = np.random.default_rng(1).integers(0, 60000, (4, 5, 6)).astype(np.uint16)
+  tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+  convert.convert_volume(str(tmp_path / "labels.tif"), f"{tmp_path}/l.h5:stack", "labels")
+  with h5py.File(tmp_path / "l.h5", "r") as f:
+    assert f["stack"].dtype == np.int64
+    np.testing.assert_array_equal(f["stack"][()], labels)
+
+
+def test_convert_rejects_16bit_image_and_leaves_no_output(tmp_path, capsys):
+  import tifffile
+  tifffile.imwrite(tmp_path / "img.tif", np.zeros((3, 4, 4), np.uint16), photometric="minisblack")
+  rc = main(["convert", "--input", str(tmp_path / "img.tif"), "--output", f"{tmp_path}/o.h5:raw"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "not 8-bit" in err[0] and "img.tif" in err[0]
+  assert not (tmp_path / "o.h5").exists()
+
+
+def test_stats_golden_values(tmp_path):
+  data = np.zeros((2, 2, 2), np.uint8)
+  data[0] = 10
+  data[1] = 30  # mean 20, population std 10
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["raw"] = data
+  result = stats.compute_stats(f"{tmp_path}/v.h5:raw")
+  assert result.mean == 20.0 and result.stddev == 10.0 and result.count == 8
+  assert result.histogram[10] == 4 and result.histogram[30] == 4 and (result.min, result.max) == (10, 30)
+
+
+def test_stats_cli_box_and_json(tmp_path, capsys):
+  data = np.random.default_rng(3).integers(0, 255, (40, 30, 20), dtype=np.uint8)
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["raw"] = data
+  rc = main(["stats", "--input", f"{tmp_path}/v.h5:raw", "--bounding_box_start", "2,3,4",
+             "--bounding_box_size", "10,11,35", "--output", str(tmp_path / "s.json")])
+  assert rc == 0
+  sub = data[4:39, 3:14, 2:12].astype(np.float64)
+  saved = json.loads((tmp_path / "s.json").read_text())
+  assert saved["mean"] == pytest.approx(sub.mean(), abs=1e-9)
+  assert saved["stddev"] == pytest.approx(sub.std(), abs=1e-9)
+  assert saved["shape_zyx"] == [35, 11, 10]
+
+
+def test_stats_on_real_fib25_matches_readme(fib25_dir):
+  result = stats.compute_stats(f"{fib25_dir}/training_sample2.h5:raw")
+  assert result.mean == pytest.approx(130.03, abs=0.01)
+  assert result.stddev == pytest.approx(33.45, abs=0.01)
+
+
+def test_apply_transforms_maps_superpixels_to_bodies(tmp_path):
+  sp = np.array([[[0, 1, 2], [3, 4, 5]]] * 40, dtype=np.int32)  # 40 z-slices: > one slab
+  table = np.array([[1, 100], [2, 100], [3, 7], [4, 7], [4, 7]], dtype=np.int32)  # dup row is fine
+  with h5py.File(tmp_path / "gt.h5", "w") as f:
+    f["stack"] = sp
+    f["transforms"] = table
+  counters = groundtruth.convert_groundtruth(f"{tmp_path}/gt.h5:stack", f"{tmp_path}/gt.h5:transforms",
+                                             f"{tmp_path}/bodies.h5:stack")
+  with h5py.File(tmp_path / "bodies.h5", "r") as f:
+    out = f["stack"][()]
+  assert out.dtype == np.int64
+  np.testing.assert_array_equal(out[7], [[0, 100, 100], [7, 7, 5]])  # 5 unmapped: kept
+  assert counters == {"bodies": 3, "unmapped_superpixels": 1}
+  zeroed = groundtruth.apply_transforms(sp[:1], groundtruth.validate_transforms(table, "t"), "zero")
+  np.testing.assert_array_equal(zeroed[0], [[0, 100, 100], [7, 7, 0]])
+  with pytest.raises(FFNError, match="not in the transforms"):
+    groundtruth.apply_transforms(sp[:1], groundtruth.validate_transforms(table, "t"), "error")
+
+
+def test_conflicting_transforms_rejected():
+  with pytest.raises(FFNError, match="superpixel 4 is mapped to more than one body"):
+    groundtruth.validate_transforms(np.array([[4, 1], [4, 2]]), "gt.h5:transforms")
+  with pytest.raises(FFNError, match="shape \\[N, 2\\]"):
+    groundtruth.validate_transforms(np.zeros((3, 3), np.int64), "gt.h5:transforms")
+
+
+def test_cli_missing_dataset_one_line_error(tmp_path, capsys):
+  with h5py.File(tmp_path / "gt.h5", "w") as f:
+    f["stack"] = np.zeros((2, 2, 2), np.int32)
+  rc = main(["apply_transforms", "--superpixels", f"{tmp_path}/gt.h5:stack",
+             "--transforms", f"{tmp_path}/gt.h5:transforms", "--output", f"{tmp_path}/b.h5:stack"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "no dataset 'transforms'" in err[0]
+  assert sorted(os.listdir(tmp_path)) == ["gt.h5"]

@@ -1,0 +1,116 @@
+"""Volume specs, lazy reads, slice stacks and atomic writes."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffn.axes import BoundingBox, parse_xyz, xyz_to_zyx, zyx_to_xyz
+from ffn.errors import FFNError
+from ffn.io import volumes
+
+
+def test_axis_helpers_reverse_order():
+  assert xyz_to_zyx((1, 2, 3)) == (3, 2, 1)
+  assert zyx_to_xyz((3, 2, 1)) == (1, 2, 3)
+  assert parse_xyz("24,24,24") == (24, 24, 24)
+  assert parse_xyz("5") == (5, 5, 5)
+  with pytest.raises(FFNError, match="expected 3 integers"):
+    parse_xyz("1,2")
+
+
+def test_bounding_box_slices_index_zyx_arrays():
+  vol = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # z=4, y=5, x=6
+  box = BoundingBox(start=(1, 2, 3), size=(2, 3, 1))  # x,y,z
+  np.testing.assert_array_equal(vol[box.to_slices()], vol[3:4, 2:5, 1:3])
+  assert box.shape_zyx() == (1, 3, 2)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("a.h5:raw", volumes.VolumeSpec("a.h5", "raw")),
+    ("vol1:a.h5:raw", volumes.VolumeSpec("a.h5", "raw", "vol1")),
+    ("slices/", volumes.VolumeSpec("slices/")),
+])
+def test_parse_spec(spec, expected):
+  assert volumes.parse_spec(spec) == expected
+  assert str(volumes.parse_spec(spec)) == spec
+
+
+def test_parse_named_specs_rejects_duplicates_and_missing_names():
+  specs = volumes.parse_named_specs("a:x.h5:raw,b:y.h5:raw")
+  assert list(specs) == ["a", "b"] and specs["b"].path == "y.h5"
+  with pytest.raises(FFNError, match="given twice"):
+    volumes.parse_named_specs("a:x.h5:raw,a:y.h5:raw")
+  with pytest.raises(FFNError, match="name is required"):
+    volumes.parse_named_specs("x.h5:raw")
+
+
+def test_h5_box_read_matches_numpy(tmp_path):
+  data = np.random.default_rng(0).integers(0, 255, (20, 30, 40), dtype=np.uint8)
+  volumes.write_h5(str(tmp_path / "v.h5"), "raw", data)
+  box = BoundingBox((5, 6, 7), (10, 11, 12))
+  with volumes.Volume(f"{tmp_path}/v.h5:raw") as vol:
+    assert vol.shape == (20, 30, 40)
+    np.testing.assert_array_equal(vol.read_box(box), data[7:19, 6:17, 5:15])
+    with pytest.raises(FFNError, match="outside the volume"):
+      vol.read_box(BoundingBox((35, 0, 0), (10, 1, 1)))
+
+
+def test_write_h5_keeps_other_datasets_and_leaves_no_temp_files(tmp_path):
+  path = str(tmp_path / "v.h5")
+  volumes.write_h5(path, "raw", np.zeros((2, 2, 2), np.uint8))
+  volumes.write_h5(path, "stack", np.ones((2, 2, 2), np.int64), attrs={"note": "x"})
+  with h5py.File(path, "r") as f:
+    assert set(f) == {"raw", "stack"} and f["stack"].attrs["note"] == "x"
+  assert os.listdir(tmp_path) == ["v.h5"]
+
+
+def test_failed_write_leaves_original_intact(tmp_path):
+  path = str(tmp_path / "v.h5")
+  volumes.write_h5(path, "raw", np.zeros((2, 2, 2), np.uint8))
+  before = open(path, "rb").read()
+  with pytest.raises(TypeError):
+    volumes.write_h5(path, "bad", np.array([object()], dtype=object).reshape(1, 1, 1))
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["v.h5"]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("missing.h5:raw", "file not found"),
+    ("{tmp}/v.h5:nope", "no dataset 'nope' \\(datasets: raw\\)"),
+    ("{tmp}/v.h5", "needs a dataset name"),
+    ("{tmp}/empty_dir", "no PNG/TIFF slices"),
+])
+def test_bad_specs_give_clear_errors(tmp_path, bad, message):
+  volumes.write_h5(str(tmp_path / "v.h5"), "raw", np.zeros((2, 2, 2), np.uint8))
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(FFNError, match=message):
+    volumes.Volume(bad.format(tmp=tmp_path))
+
+
+def test_png_stack_natural_order_and_lazy_slices(tmp_path):
+  data = np.random.default_rng(1).integers(0, 255, (12, 9, 7), dtype=np.uint8)
+  for z in range(12):  # unpadded names: natural order must put 2 before 10
+    Image.fromarray(data[z]).save(tmp_path / f"iso.{z}.png")
+  with volumes.Volume(str(tmp_path)) as vol:
+    assert vol.shape == (12, 9, 7) and vol.dtype == np.uint8
+    np.testing.assert_array_equal(vol[2:11, 1:4, 2:6], data[2:11, 1:4, 2:6])
+    np.testing.assert_array_equal(vol.read_all(), data)
+  with volumes.Volume(str(tmp_path / "iso.*.png")) as vol:
+    np.testing.assert_array_equal(vol[10], data[10])
+
+
+def test_multipage_tiff(tmp_path):
+  import tifffile
+  data = np.random.default_rng(2).integers(0, 255, (5, 6, 7), dtype=np.uint8)
+  tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
+  with volumes.Volume(str(tmp_path / "v.tif")) as vol:
+    assert vol.shape == (5, 6, 7)
+    np.testing.assert_array_equal(vol[1:4, :, 3:], data[1:4, :, 3:])
+
+
+def test_check_dtype_message():
+  with pytest.raises(FFNError, match="x.h5:raw: dtype float32 is not allowed here \\(expected unsigned"):
+    volumes.check_dtype("x.h5:raw", np.dtype(np.float32), "u")
