@@ -1,0 +1,125 @@
+"""The 3D convolution-stack FFN of Januszewski et al. (google/ffn ``convstack_3d.ConvStack3DFFNModel``).
+
+Built from plain ``tf.Variable`` objects inside a ``tf.Module`` (no Keras layers), so it runs under
+any ``tf.distribute`` strategy and its variables map one to one onto google's TF1 checkpoints.
+
+Architecture (all convolutions 'SAME', stride 1, ``features`` channels, 3x3x3 kernels):
+
+* ``conv0_a`` (+relu), ``conv0_b`` (no activation);
+* for i = 1..depth-1 a residual block: relu, ``conv{i}_a`` (+relu), ``conv{i}_b`` (no activation),
+  add the block input;
+* relu, 1x1x1 ``conv_lom`` to one channel: the logit update;
+* output logits = seed logits (input channel 1) + update.
+
+Tensors are [batch, z, y, x, channels]; kernels are (z, y, x, in, out). ``fov_size`` and ``deltas``
+are given in x,y,z order, as in google's ``model_args``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from ffn.axes import parse_xyz, xyz_to_zyx
+from ffn.errors import FFNError
+
+# The TF1 variable scope that google's checkpoints use for every weight of this model.
+SCOPE = "seed_update"
+
+
+class _Conv(tf.Module):
+  """One convolution: ``weights`` (z, y, x, in, out) and ``biases`` (out,)."""
+
+  def __init__(self, name: str, kernel_zyx: Sequence[int], n_in: int, n_out: int,
+               rng: np.random.Generator):
+    super().__init__(name=name)
+    shape = tuple(kernel_zyx) + (n_in, n_out)
+    # Glorot-uniform initialisation (the default of TF1's contrib conv3d that google trained with).
+    fan_in = int(np.prod(kernel_zyx)) * n_in
+    fan_out = int(np.prod(kernel_zyx)) * n_out
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    init = rng.uniform(-limit, limit, size=shape).astype(np.float32)
+    self.weights = tf.Variable(init, name=f"{SCOPE}/{name}/weights")
+    self.biases = tf.Variable(np.zeros((n_out,), np.float32), name=f"{SCOPE}/{name}/biases")
+
+  def __call__(self, x: tf.Tensor) -> tf.Tensor:
+    w = tf.cast(self.weights, x.dtype)
+    b = tf.cast(self.biases, x.dtype)
+    y = tf.nn.conv3d(x, w, strides=[1, 1, 1, 1, 1], padding="SAME")
+    return tf.nn.bias_add(y, b)
+
+
+class ConvStack3DFFNModel(tf.Module):
+  """google/ffn's ConvStack3DFFNModel.
+
+  Args:
+    fov_size: field of view (x, y, z) in voxels; the input and output patch size.
+    deltas: FOV movement step (x, y, z) in voxels, used by training and inference.
+    depth: number of conv pairs (1 plain + depth-1 residual); google's default is 9, fib25 uses 12.
+    features: channels of every hidden convolution (google: 32).
+    seed: seed of the initial weights (ignored when weights are loaded from a checkpoint).
+  """
+
+  def __init__(self, fov_size: Sequence[int] = (33, 33, 33), deltas: Sequence[int] = (8, 8, 8),
+               depth: int = 9, features: int = 32, seed: int = 0):
+    super().__init__(name="ConvStack3DFFNModel")
+    if int(depth) < 1:
+      raise FFNError(f"model_args: depth must be >= 1, got {depth}")
+    if int(features) < 1:
+      raise FFNError(f"model_args: features must be >= 1, got {features}")
+    self.fov_size = parse_xyz(fov_size, "model_args fov_size")
+    self.deltas = parse_xyz(deltas, "model_args deltas")
+    if min(self.fov_size) < 1 or min(self.deltas) < 0:
+      raise FFNError(f"model_args: fov_size must be positive and deltas >= 0, got "
+                     f"fov_size={list(self.fov_size)} deltas={list(self.deltas)}")
+    self.depth = int(depth)
+    self.features = int(features)
+    rng = np.random.default_rng(seed)
+    k = (3, 3, 3)
+    convs = {"conv0_a": _Conv("conv0_a", k, 2, features, rng),
+             "conv0_b": _Conv("conv0_b", k, features, features, rng)}
+    for i in range(1, self.depth):
+      convs[f"conv{i}_a"] = _Conv(f"conv{i}_a", k, features, features, rng)
+      convs[f"conv{i}_b"] = _Conv(f"conv{i}_b", k, features, features, rng)
+    convs["conv_lom"] = _Conv("conv_lom", (1, 1, 1), features, 1, rng)
+    self.convs = convs
+
+  @property
+  def input_shape_zyx(self) -> tuple[int, int, int]:
+    """Spatial input/output shape (z, y, x)."""
+    return xyz_to_zyx(self.fov_size)  # type: ignore[return-value]
+
+  def named_variables(self) -> dict[str, tf.Variable]:
+    """{google TF1 name (e.g. 'seed_update/conv0_a/weights'): variable}, in layer order."""
+    out: dict[str, tf.Variable] = {}
+    for name, conv in self.convs.items():
+      out[f"{SCOPE}/{name}/weights"] = conv.weights
+      out[f"{SCOPE}/{name}/biases"] = conv.biases
+    return out
+
+  @staticmethod
+  def tf2_checkpoint_key(name: str, root: str = "model") -> str:
+    """Key of TF1 variable ``name`` in a TF2 checkpoint that tracks this module as ``root``."""
+    return f"{root}/convs/{name[len(SCOPE) + 1:]}/.ATTRIBUTES/VARIABLE_VALUE"
+
+  def __call__(self, x: tf.Tensor, compute_dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """Logits [b, z, y, x, 1] float32 for input [b, z, y, x, 2] float32.
+
+    Channel 0 of ``x`` is the normalised image, channel 1 the seed logits. ``compute_dtype``
+    bfloat16 runs the convolutions in bfloat16; the seed addition stays in float32.
+    """
+    seed = x[..., 1:2]
+    net = tf.cast(x, compute_dtype)
+    net = tf.nn.relu(self.convs["conv0_a"](net))
+    net = self.convs["conv0_b"](net)
+    for i in range(1, self.depth):
+      block_in = net
+      net = tf.nn.relu(net)
+      net = tf.nn.relu(self.convs[f"conv{i}_a"](net))
+      net = self.convs[f"conv{i}_b"](net)
+      net = net + block_in
+    net = tf.nn.relu(net)
+    update = self.convs["conv_lom"](net)
+    return seed + tf.cast(update, tf.float32)
