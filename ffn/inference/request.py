@@ -1,0 +1,59 @@
+"""Reading InferenceRequest text protos (pbtxt) and ``--bounding_box`` values, with clear errors."""
+
+from __future__ import annotations
+
+import os
+
+from google.protobuf import text_format
+
+from ffn.axes import BoundingBox
+from ffn.errors import FFNError
+from ffn.inference import inference_pb2
+from ffn.utils import bounding_box_pb2
+
+
+def parse_request(text: str, where: str = "inference request") -> inference_pb2.InferenceRequest:
+  """Parses InferenceRequest text format; a syntax error -> FFNError with its line and column."""
+  request = inference_pb2.InferenceRequest()
+  try:
+    text_format.Parse(text, request)
+  except text_format.ParseError as e:
+    raise FFNError(f"{where}: malformed InferenceRequest text proto: {e}") from None
+  return request
+
+
+def load_request(path_or_text: str) -> inference_pb2.InferenceRequest:
+  """An InferenceRequest from a pbtxt file path, or from the text itself (google's flags allow both).
+
+  Relative paths inside the request are left as they are (relative to the working directory,
+  like google/ffn).
+  """
+  if os.path.isfile(path_or_text):
+    try:
+      with open(path_or_text, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise FFNError(f"{path_or_text}: cannot read the inference request ({e})") from None
+    return parse_request(text, path_or_text)
+  if path_or_text.strip().endswith((".pbtxt", ".txt")) or "{" not in path_or_text:
+    raise FFNError(f"{path_or_text}: inference request file not found")
+  return parse_request(path_or_text, "--inference_request")
+
+
+def parse_bounding_box(text: str) -> BoundingBox:
+  """``start { x: .. y: .. z: .. } size { x: .. y: .. z: .. }`` (google's flag) -> BoundingBox."""
+  msg = bounding_box_pb2.BoundingBox()
+  try:
+    text_format.Parse(text, msg)
+  except text_format.ParseError as e:
+    raise FFNError(f"--bounding_box: malformed BoundingBox text proto: {e}") from None
+  if not msg.HasField("start") or not msg.HasField("size"):
+    raise FFNError(f"--bounding_box: needs both 'start {{x y z}}' and 'size {{x y z}}', got {text!r}")
+  return BoundingBox((msg.start.x, msg.start.y, msg.start.z), (msg.size.x, msg.size.y, msg.size.z))
+
+
+def format_bounding_box(box: BoundingBox) -> str:
+  """The ``--bounding_box`` text for ``box``."""
+  s, n = box.start.tolist(), box.size.tolist()
+  return (f"start {{ x: {s[0]} y: {s[1]} z: {s[2]} }} "
+          f"size {{ x: {n[0]} y: {n[1]} z: {n[2]} }}")

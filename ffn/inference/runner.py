@@ -1,0 +1,165 @@
+"""Runs an InferenceRequest on one subvolume: load, flood fill, save (google/ffn's ``Runner``).
+
+Result files: see :mod:`ffn.inference.storage`. A finished result is never recomputed or
+overwritten. An existing checkpoint is resumed. A stop request (SIGTERM, e.g. a Slurm preemption)
+saves a checkpoint at the next network evaluation and raises
+:class:`~ffn.inference.canvas.InferenceInterrupted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from ffn.axes import BoundingBox, xyz_to_zyx
+from ffn.errors import FFNError
+from ffn.inference import inference_pb2, storage
+from ffn.inference.canvas import Canvas, Predictor
+from ffn.inference.counters import Counters, timer_counter
+from ffn.inference.masks import build_mask
+from ffn.inference.seed import make_policy
+from ffn.io.volumes import Volume, check_box_inside, check_dtype
+
+_log = logging.getLogger(__name__)
+
+
+def image_spec(request: inference_pb2.InferenceRequest) -> str:
+  """The request's image as ``path.h5:dataset``."""
+  which = request.image.WhichOneof("volume_path")
+  if which != "hdf5":
+    raise FFNError("inference request: 'image { hdf5: \"file.h5:dataset\" }' is required"
+                   + (" (volinfo volumes are not supported)" if which == "volinfo" else ""))
+  if request.image.hdf5.count(":") != 1:
+    raise FFNError(f"inference request: image.hdf5 must be 'file.h5:dataset', got {request.image.hdf5!r}")
+  return request.image.hdf5
+
+
+def check_request(request: inference_pb2.InferenceRequest) -> None:
+  """Checks what can be checked without loading anything big; raises FFNError on the first problem."""
+  image_spec(request)
+  if not request.segmentation_output_dir:
+    raise FFNError("inference request: segmentation_output_dir is not set")
+  if not request.model_checkpoint_path:
+    raise FFNError("inference request: model_checkpoint_path is not set")
+  if not request.HasField("image_stddev") or request.image_stddev <= 0:
+    raise FFNError("inference request: image_stddev must be set and positive")
+  opts = request.inference_options
+  for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
+    value = getattr(opts, name)
+    if not 0.0 < value < 1.0:
+      raise FFNError(f"inference request: inference_options.{name} must be a probability in (0, 1), "
+                     f"got {value}")
+  if request.movement_policy_name not in ("", "FaceMaxMovementPolicy", "movement.FaceMaxMovementPolicy"):
+    raise FFNError(f"inference request: movement_policy_name {request.movement_policy_name!r} is not "
+                   "supported (only FaceMaxMovementPolicy)")
+  make_policy(request.seed_policy, request.seed_policy_args)
+
+
+class Runner:
+  """Segments subvolumes of the request's image with the request's model."""
+
+  def __init__(self, request: inference_pb2.InferenceRequest, compute_dtype: str = "float32",
+               predict: Predictor | None = None, fov_size_xyz=None, deltas_xyz=None):
+    """``predict`` (with ``fov_size_xyz``/``deltas_xyz``) replaces the request's model, which is
+  otherwise loaded with ``ffn.models.load`` when the first box is segmented."""
+    check_request(request)
+    self.request = request
+    self.counters = Counters()
+    self.image_spec = image_spec(request)
+    with Volume(self.image_spec) as vol:
+      check_dtype(str(vol.spec), vol.dtype, "uif")
+      self.volume_shape = vol.shape
+    self.seed_policy = make_policy(request.seed_policy, request.seed_policy_args)
+    self.compute_dtype = compute_dtype
+    self.predict = predict
+    if predict is not None:
+      self.fov_size_zyx = xyz_to_zyx(fov_size_xyz)
+      self.deltas_zyx = xyz_to_zyx(deltas_xyz)
+    self.canvas: Canvas | None = None
+    self.stop_requested = False
+
+  def load_model(self) -> None:
+    """Loads the request's model (once); done lazily so finished or invalid boxes cost nothing."""
+    if self.predict is not None:
+      return
+    from ffn import models
+    with timer_counter(self.counters, "load-model"):
+      model = models.load(self.request.model_checkpoint_path, self.request.model_name or None,
+                          self.request.model_args or None, self.compute_dtype)
+    self.predict = model
+    self.fov_size_zyx = xyz_to_zyx(model.fov_size)
+    self.deltas_zyx = xyz_to_zyx(model.deltas)
+
+  def full_box(self) -> BoundingBox:
+    return BoundingBox((0, 0, 0), tuple(reversed(self.volume_shape)))
+
+  def paths(self, box: BoundingBox) -> tuple[str, str, str]:
+    corner = xyz_to_zyx(box.start)
+    out = self.request.segmentation_output_dir
+    return (storage.segmentation_path(out, corner), storage.object_prob_path(out, corner),
+            storage.checkpoint_path(out, corner))
+
+  def is_done(self, box: BoundingBox) -> bool:
+    return storage.existing_segmentation_path(self.request.segmentation_output_dir,
+                                              xyz_to_zyx(box.start)) is not None
+
+  def make_canvas(self, box: BoundingBox) -> Canvas:
+    check_box_inside(box, self.volume_shape, self.image_spec)
+    self.load_model()
+    with timer_counter(self.counters, "load-image"), Volume(self.image_spec) as vol:
+      raw = vol.read_box(box)
+    image = (raw.astype(np.float32) - np.float32(self.request.image_mean)) / np.float32(
+        self.request.image_stddev)
+    corner = xyz_to_zyx(box.start)
+    mask = build_mask(self.request.masks, raw, "masks", corner)
+    seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
+    _, _, cpoint = self.paths(box)
+    canvas = Canvas(image, self.request.inference_options, self.predict, self.fov_size_zyx,
+                    self.deltas_zyx, corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
+                    checkpoint_path=cpoint, checkpoint_interval_sec=self.request.checkpoint_interval,
+                    counters=self.counters)
+    canvas.stop_requested = self.stop_requested
+    return canvas
+
+  def request_stop(self) -> None:
+    """Asks a running segmentation to checkpoint and stop (safe to call from a signal handler)."""
+    self.stop_requested = True
+    if self.canvas is not None:
+      self.canvas.stop_requested = True
+
+  def run(self, box: BoundingBox | None = None) -> str:
+    """Segments ``box`` (default: the whole image); returns the result path.
+
+    If the result already exists nothing is done. A checkpoint for the box is resumed.
+    """
+    box = box or self.full_box()
+    seg_path, prob_path, cpoint = self.paths(box)
+    if self.is_done(box):
+      _log.info("%s exists: subvolume already segmented, nothing to do", seg_path)
+      return seg_path
+    canvas = self.make_canvas(box)
+    self.canvas = canvas
+    partial = 0
+    if os.path.exists(cpoint):
+      try:
+        partial = canvas.restore_checkpoint(cpoint)
+      except (OSError, ValueError, KeyError) as e:
+        raise FFNError(f"{cpoint}: unreadable inference checkpoint ({e}); delete it to start over") from None
+    start = time.time()
+    canvas.segment_all(self.seed_policy, partial_segment_iters=partial)
+    _log.info("segmented %s in %.1f s", box, time.time() - start)
+    self.save(canvas, seg_path, prob_path)
+    if os.path.exists(cpoint):
+      os.remove(cpoint)
+    return seg_path
+
+  def save(self, canvas: Canvas, seg_path: str, prob_path: str) -> None:
+    """Writes the result (failed-seed markers removed) and then the probability map."""
+    labels = np.where(canvas.segmentation < 0, 0, canvas.segmentation)
+    storage.save_probability(canvas.seg_prob, prob_path)
+    storage.save_subvolume(labels, canvas.origins, seg_path,
+                           request=self.request.SerializeToString(),
+                           counters=canvas.counters.dumps(), overlaps=canvas.overlaps)

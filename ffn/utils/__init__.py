@@ -1,0 +1,1 @@
+"""Shared protobuf messages (vectors, bounding boxes) used by inference requests."""
