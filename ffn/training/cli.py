@@ -1,0 +1,91 @@
+"""``ffn train`` / ``train.py``: google/ffn's training flags, single process.
+
+Exit status: 0 when ``--max_steps`` is reached, 3 after a SIGTERM (a checkpoint was saved; run the
+same command again to resume), 2 on an input error. SIGUSR1 saves a checkpoint and continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ffn.errors import FFNError
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes"):
+    return True
+  if text.lower() in ("0", "false", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _axes(text: str) -> tuple[int, ...]:
+  axes = tuple(int(a) for a in text.split(",") if a.strip())
+  if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+    raise argparse.ArgumentTypeError(f"expected distinct axes from 0,1,2 (z,y,x), got {text!r}")
+  return axes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from ffn.training.optimizer import OPTIMIZERS
+  req = parser.add_argument_group("data and model (required)")
+  req.add_argument("--train_coords", required=True, help="coordinate TFRecord (GZIP, google format)")
+  req.add_argument("--data_volumes", required=True, help="name:path.h5:dataset,... image volumes")
+  req.add_argument("--label_volumes", required=True, help="name:path.h5:dataset,... label volumes")
+  req.add_argument("--model_name", required=True, help="e.g. convstack_3d.ConvStack3DFFNModel")
+  req.add_argument("--model_args", required=True,
+                   help='JSON, e.g. \'{"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8]}\' (x,y,z)')
+  req.add_argument("--image_mean", type=float, required=True)
+  req.add_argument("--image_stddev", type=float, required=True)
+  parser.add_argument("--train_dir", default="/tmp", help="checkpoints, summaries, train_flags.json")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--max_steps", type=int, default=10000)
+  parser.add_argument("--seed_pad", type=float, default=0.05)
+  parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--fov_policy", choices=["fixed"], default="fixed",
+                      help="FOV movement policy (google's max_pred_moves is not implemented)")
+  parser.add_argument("--shuffle_moves", type=_bool, default=True)
+  parser.add_argument("--permutable_axes", type=_axes, default=(1, 2), help="of z,y,x = 0,1,2")
+  parser.add_argument("--reflectable_axes", type=_axes, default=(0, 1, 2), help="of z,y,x = 0,1,2")
+  parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+  parser.add_argument("--learning_rate", type=float, default=0.001)
+  parser.add_argument("--momentum", type=float, default=0.9)
+  parser.add_argument("--adam_beta1", type=float, default=0.9)
+  parser.add_argument("--adam_beta2", type=float, default=0.999)
+  parser.add_argument("--epsilon", type=float, default=1e-8)
+  parser.add_argument("--rmsprop_decay", type=float, default=0.9)
+  parser.add_argument("--max_gradient_entry_mag", type=float, default=0.7,
+                      help="clip every gradient element to +/- this (0: off)")
+  parser.add_argument("--summary_rate_secs", type=float, default=120.0)
+  parser.add_argument("--checkpoint_interval_s", type=float, default=300.0)
+  parser.add_argument("--max_to_keep", type=int, default=5)
+  parser.add_argument("--keep_checkpoint_every_n_hours", type=float, default=1.0)
+  parser.add_argument("--log_every", type=int, default=100, help="console line every N steps")
+  parser.add_argument("--seed", type=int, default=0, help="seed of initial weights and data order")
+
+
+def config_from_args(args: argparse.Namespace):
+  import ffn.models
+  from ffn.training.trainer import TrainConfig
+  if args.batch_size < 1 or args.max_steps < 0:
+    raise FFNError(f"--batch_size must be >= 1 and --max_steps >= 0, got {args.batch_size}, "
+                   f"{args.max_steps}")
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  values = {k: v for k, v in vars(args).items() if k in names}
+  values["model_args"] = ffn.models.parse_model_args(args.model_args)
+  return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+  from ffn.training.data import ExampleSource
+  from ffn.training.trainer import Trainer
+  cfg = config_from_args(args)
+  trainer = Trainer(cfg)
+  trainer.restore_or_init()
+  trainer.write_flags()
+  trainer.attach_data(ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes,
+                                    trainer.model.fov_size, trainer.model.deltas, cfg.image_mean,
+                                    cfg.image_stddev, cfg.permutable_axes, cfg.reflectable_axes,
+                                    cfg.seed))
+  return trainer.run()

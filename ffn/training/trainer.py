@@ -1,0 +1,286 @@
+"""Single-process FFN training in TF2 (google/ffn ``train.py`` semantics, no sessions).
+
+Per step: ``batch_size`` example slots each hold one example (see :mod:`ffn.training.data`) and a
+seed canvas; each slot supplies the FOV at its next policy offset; the model predicts, the loss is
+the mean sigmoid cross-entropy against the soft labels, every gradient element is clipped to
++/- ``max_gradient_entry_mag``, and the optimizer applies it. The predicted logits are written
+back into each slot's seed canvas, so later FOVs of the same example see the model's own
+predictions, as in inference. A slot whose policy is exhausted takes the next example.
+
+Checkpoints (``tf.train.Checkpoint`` via ``CheckpointManager``, prefix ``model.ckpt-<step>``) hold
+the model, the optimizer slots, the step and the data-stream position (examples taken so far);
+examples in flight when a checkpoint is written are not resumed -- a restart takes fresh ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+import ffn.models
+from ffn.axes import xyz_to_zyx
+from ffn.io.atomic import write_text_atomic
+from ffn.progress import format_eta
+from ffn.training.data import ExampleSource
+from ffn.training.examples import crop, fixed_policy, fov_shifts, initial_seed, logit
+from ffn.training.optimizer import Optimizer
+
+_log = logging.getLogger("ffn.training")
+
+EXIT_PREEMPTED = 3  # status after a SIGTERM: checkpoint saved, training not finished
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Training settings; names follow google/ffn's train.py flags. Sizes in x,y,z order."""
+  train_coords: str
+  data_volumes: str
+  label_volumes: str
+  model_name: str
+  model_args: dict
+  train_dir: str
+  image_mean: float
+  image_stddev: float
+  batch_size: int = 64
+  max_steps: int = 10000
+  seed_pad: float = 0.05
+  threshold: float = 0.9
+  shuffle_moves: bool = True
+  permutable_axes: tuple = (1, 2)
+  reflectable_axes: tuple = (0, 1, 2)
+  optimizer: str = "sgd"
+  learning_rate: float = 0.001
+  momentum: float = 0.9
+  adam_beta1: float = 0.9
+  adam_beta2: float = 0.999
+  epsilon: float = 1e-8
+  rmsprop_decay: float = 0.9
+  max_gradient_entry_mag: float = 0.7
+  summary_rate_secs: float = 120.0
+  checkpoint_interval_s: float = 300.0
+  max_to_keep: int = 5
+  keep_checkpoint_every_n_hours: float = 1.0
+  log_every: int = 100
+  seed: int = 0
+
+
+class _Slot:
+  """One batch element: an example, its seed canvas and its lazy FOV policy."""
+
+  def __init__(self, image: np.ndarray, labels: np.ndarray, shifts, seed_pad: float, threshold: float):
+    self.image, self.labels = image, labels
+    self.seed = initial_seed(labels.shape, pad=seed_pad)
+    self.offsets: Iterator = fixed_policy(self.seed, shifts, threshold)
+
+
+class Trainer:
+  """Owns model, optimizer, checkpointing, the example stream and summaries for one run."""
+
+  def __init__(self, cfg: TrainConfig):
+    self.cfg = cfg
+    self.model = ffn.models.build_model(cfg.model_name, cfg.model_args, seed=cfg.seed)
+    self.fov_zyx = xyz_to_zyx(self.model.fov_size)
+    self.variables = list(self.model.trainable_variables)
+    self.optimizer = Optimizer(cfg.optimizer, self.variables, cfg.learning_rate, cfg.momentum,
+                               cfg.adam_beta1, cfg.adam_beta2, cfg.epsilon, cfg.rmsprop_decay)
+    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    self.examples_taken = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_taken")
+    self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                          step=self.step, examples_taken=self.examples_taken)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, cfg.train_dir, max_to_keep=cfg.max_to_keep,
+        keep_checkpoint_every_n_hours=cfg.keep_checkpoint_every_n_hours,
+        checkpoint_name="model.ckpt")
+    b = cfg.batch_size
+    spec_x = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (2,), tf.float32)
+    spec_y = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (1,), tf.float32)
+    self.train_step = tf.function(self._train_step, input_signature=[spec_x, spec_y])
+    self.source: ExampleSource | None = None
+    self._stream = None
+    self._slots: list[_Slot | None] = [None] * b
+    self._shifts_rng = np.random.default_rng([cfg.seed, 2])
+    self._stop = self._save_now = False
+
+  # -- model step ---------------------------------------------------------------------------
+
+  def _train_step(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    with tf.GradientTape() as tape:
+      logits = self.model(x)
+      loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+    grads = tape.gradient(loss, self.variables)
+    clip = self.cfg.max_gradient_entry_mag
+    if clip > 0:
+      grads = [tf.clip_by_value(g, -clip, clip) for g in grads]
+    self.optimizer.apply(grads, self.variables)
+    self.step.assign_add(1)
+    return logits, loss
+
+  def loss_on(self, x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean sigmoid cross-entropy of the current model on a fixed batch (no update)."""
+    logits = self.model(tf.constant(x, tf.float32))
+    return float(tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.constant(labels, tf.float32), logits=logits)))
+
+  # -- data -----------------------------------------------------------------------------------
+
+  def attach_data(self, source: ExampleSource) -> None:
+    self.source = source
+    self._stream = source.stream(int(self.examples_taken.numpy()))
+
+  def _new_slot(self) -> _Slot:
+    image, labels = next(self._stream)
+    self.examples_taken.assign_add(1)
+    shifts = fov_shifts(self.model.deltas)
+    if self.cfg.shuffle_moves:
+      self._shifts_rng.shuffle(shifts)
+    return _Slot(image.numpy(), labels.numpy(), shifts, self.cfg.seed_pad, self.cfg.threshold)
+
+  def next_batch(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(x [b,z,y,x,2], labels [b,z,y,x,1], seed views to write predictions into)."""
+    xs, ys, views = [], [], []
+    for i in range(self.cfg.batch_size):
+      while True:
+        slot = self._slots[i]
+        if slot is None:
+          slot = self._slots[i] = self._new_slot()
+        off = next(slot.offsets, None)
+        if off is not None:
+          break
+        self._slots[i] = None
+      view = crop(slot.seed, off, self.fov_zyx)
+      xs.append(np.stack([crop(slot.image, off, self.fov_zyx), view], axis=-1))
+      ys.append(crop(slot.labels, off, self.fov_zyx)[..., None])
+      views.append(view)
+    return np.stack(xs), np.stack(ys), views
+
+  # -- checkpoints ----------------------------------------------------------------------------
+
+  def restore_or_init(self) -> bool:
+    """Restores the latest checkpoint in train_dir; returns True if one was found."""
+    latest = self.manager.latest_checkpoint
+    if latest is None:
+      return False
+    self.checkpoint.restore(latest).assert_existing_objects_matched()
+    _log.info("resumed from %s at step %d", latest, int(self.step.numpy()))
+    return True
+
+  def save(self) -> str:
+    path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+    _log.info("saved %s", path)
+    return path
+
+  def write_flags(self) -> None:
+    os.makedirs(self.cfg.train_dir, exist_ok=True)
+    flags = dataclasses.asdict(self.cfg)
+    flags["model_name"] = ffn.models.canonical_name(self.cfg.model_name)
+    write_text_atomic(os.path.join(self.cfg.train_dir, ffn.models.FLAGS_FILE),
+                      json.dumps(flags, indent=2, default=list) + "\n")
+
+  # -- loop -----------------------------------------------------------------------------------
+
+  def _on_signal(self, signum, frame) -> None:
+    if signum == signal.SIGTERM:
+      self._stop = True
+    else:
+      self._save_now = True
+
+  def run(self) -> int:
+    """Trains to ``max_steps``; returns 0, or EXIT_PREEMPTED after a SIGTERM (checkpoint saved)."""
+    cfg = self.cfg
+    handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = tf.summary.create_file_writer(cfg.train_dir)
+    metrics = np.zeros(4, np.int64)  # tp, fp, fn, tn at the threshold, since the last summary
+    losses: list[float] = []
+    t_start = t_log = t_summary = t_ckpt = time.monotonic()
+    step0 = last_log_step = int(self.step.numpy())
+    status = 0
+    try:
+      while int(self.step.numpy()) < cfg.max_steps:
+        x, labels, views = self.next_batch()
+        logits, loss = self.train_step(tf.constant(x), tf.constant(labels))
+        pred = logits.numpy()[..., 0]
+        for i, view in enumerate(views):
+          view[...] = pred[i]
+        losses.append(float(loss))
+        metrics += _confusion(pred, labels[..., 0], logit(cfg.threshold))
+        step = int(self.step.numpy())
+        now = time.monotonic()
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+          rate = (step - last_log_step) / max(now - t_log, 1e-9)
+          eta = (cfg.max_steps - step) / max((step - step0) / max(now - t_start, 1e-9), 1e-9)
+          _log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", step, cfg.max_steps,
+                    float(np.mean(losses[-cfg.log_every:])), rate, format_eta(eta))
+          t_log, last_log_step = now, step
+        if now - t_summary >= cfg.summary_rate_secs or step == cfg.max_steps:
+          with writer.as_default(step=step):
+            _write_summaries(losses, metrics, (step - step0) / max(now - t_start, 1e-9), x, pred, labels)
+          writer.flush()
+          losses, metrics, t_summary = [], np.zeros(4, np.int64), now
+        if self._stop:
+          self.save()
+          status = EXIT_PREEMPTED
+          break
+        if self._save_now or now - t_ckpt >= cfg.checkpoint_interval_s:
+          self.save()
+          self._save_now, t_ckpt = False, now
+      else:
+        self.save()
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+      writer.close()
+    return status
+
+
+def _confusion(pred_logits: np.ndarray, labels: np.ndarray, threshold_logit: float) -> np.ndarray:
+  """[tp, fp, fn, tn] of the mask ``pred >= threshold`` against ``labels > 0.5``."""
+  p, t = pred_logits >= threshold_logit, labels > 0.5
+  return np.array([np.sum(p & t), np.sum(p & ~t), np.sum(~p & t), np.sum(~p & ~t)], np.int64)
+
+
+def _summary_metadata(plugin: str) -> bytes:
+  from tensorflow.core.framework import summary_pb2
+  meta = summary_pb2.SummaryMetadata()
+  meta.plugin_data.plugin_name = plugin
+  return meta.SerializeToString()
+
+
+def _scalar(tag: str, value: float) -> None:
+  """A TensorBoard scalar, written without the tensorboard package (TF's own ``tf.summary.write``)."""
+  tf.summary.write(tag, tf.constant(value, tf.float32), metadata=_summary_metadata("scalars"))
+
+
+def _image(tag: str, image: np.ndarray) -> None:
+  """A TensorBoard greyscale image from a 2D array in [0, 1] (PNG, the images plugin's layout)."""
+  png = tf.io.encode_png(tf.constant(np.clip(image * 255, 0, 255).astype(np.uint8)[..., None]))
+  h, w = image.shape
+  tf.summary.write(tag, tf.stack([tf.constant(str(w)), tf.constant(str(h)), png]),
+                   metadata=_summary_metadata("images"))
+
+
+def _write_summaries(losses, metrics, rate: float, x: np.ndarray, pred: np.ndarray,
+                     labels: np.ndarray) -> None:
+  tp, fp, fn, tn = (float(v) for v in metrics)
+  precision = tp / max(tp + fp, 1.0)
+  recall = tp / max(tp + fn, 1.0)
+  _scalar("pixel_loss", float(np.mean(losses)))
+  _scalar("eval/precision", precision)
+  _scalar("eval/recall", recall)
+  _scalar("eval/f1", 2 * precision * recall / max(precision + recall, 1e-12))
+  _scalar("eval/accuracy", (tp + tn) / max(tp + fp + fn + tn, 1.0))
+  _scalar("steps_per_second", rate)
+  # Centre z slice of the first batch element: image | predicted probability | label.
+  z = x.shape[1] // 2
+  image = x[0, z, :, :, 0]
+  image = (image - image.min()) / max(float(np.ptp(image)), 1e-6)
+  prob = 1.0 / (1.0 + np.exp(-pred[0, z]))
+  _image("center_slice/image_prediction_label",
+         np.concatenate([image, prob, labels[0, z, :, :, 0]], axis=1))

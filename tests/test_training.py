@@ -1,0 +1,166 @@
+"""Training on a real crop of FIB-25 training_sample2 with a tiny FFN: learning, checkpoints, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from ffn.training import examples
+from ffn.training.data import ExampleSource
+from ffn.training.trainer import EXIT_PREEMPTED, Trainer, TrainConfig
+
+TINY_ARGS = {"depth": 2, "fov_size": [9, 9, 9], "deltas": [2, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def crop_data(fib25_dir, tmp_path_factory):
+  """A 64^3 crop of training_sample2 (raw + body labels) and 200 google-format coordinates."""
+  root = tmp_path_factory.mktemp("fib25crop")
+  with h5py.File(fib25_dir / "training_sample2.h5", "r") as f:
+    raw, stack = f["raw"][:64, :64, :64], f["stack"][:64, :64, :64]
+  with h5py.File(root / "crop.h5", "w") as f:
+    f["raw"], f["stack"] = raw, stack
+  centers = np.random.default_rng(0).integers(8, 56, size=(200, 3))
+  with tf.io.TFRecordWriter(str(root / "coords.tfr"), options="GZIP") as w:
+    for c in centers:
+      feature = {"center": tf.train.Feature(int64_list=tf.train.Int64List(value=c)),
+                 "label_volume_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"s2"]))}
+      w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+  return root
+
+
+def _flags(root, train_dir, max_steps: int) -> list[str]:
+  return ["--train_coords", str(root / "coords.tfr"),
+          "--data_volumes", f"s2:{root / 'crop.h5'}:raw", "--label_volumes", f"s2:{root / 'crop.h5'}:stack",
+          "--model_name", "convstack_3d", "--model_args", '{"depth": 2, "fov_size": [9, 9, 9], "deltas": [2, 2, 2]}',
+          "--image_mean", "128", "--image_stddev", "33", "--train_dir", str(train_dir),
+          "--batch_size", "4", "--max_steps", str(max_steps), "--optimizer", "adam",
+          "--log_every", "10", "--checkpoint_interval_s", "1000"]
+
+
+def _config(root, train_dir, max_steps: int) -> TrainConfig:
+  return TrainConfig(train_coords=str(root / "coords.tfr"), data_volumes=f"s2:{root / 'crop.h5'}:raw",
+                     label_volumes=f"s2:{root / 'crop.h5'}:stack", model_name="convstack_3d",
+                     model_args=TINY_ARGS, train_dir=str(train_dir), image_mean=128, image_stddev=33,
+                     batch_size=4, max_steps=max_steps, optimizer="adam", log_every=50)
+
+
+def _source(root, trainer: Trainer) -> ExampleSource:
+  cfg = trainer.cfg
+  return ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes, trainer.model.fov_size,
+                       trainer.model.deltas, cfg.image_mean, cfg.image_stddev, seed=cfg.seed)
+
+
+def test_example_semantics():
+  labels = np.zeros((5, 5, 5), np.int64)
+  labels[2:, :, :] = 7
+  labels[4, 4, 4] = 0
+  mask = examples.object_mask(labels)
+  assert mask[2, 2, 2] and not mask[0, 0, 0] and not mask[4, 4, 4]
+  soft = examples.soften_labels(mask)
+  assert set(np.unique(soft)) == {np.float32(0.05), np.float32(0.95)}
+  seed = examples.initial_seed((9, 9, 9))
+  assert seed[4, 4, 4] == pytest.approx(np.log(0.95 / 0.05)) and seed[0, 0, 0] < 0
+  shifts = examples.fov_shifts((2, 3, 4))
+  assert len(shifts) == 26 and (2, 0, -4) in shifts
+  # Only the centre is visited until the seed says the object reaches a shifted position.
+  policy = examples.fixed_policy(seed, [(2, 0, 0), (0, 0, 2)], 0.9)
+  assert next(policy) == (0, 0, 0)
+  seed[6, 4, 4] = 5.0  # z+2 (x,y,z offset (0,0,2)) becomes object
+  assert list(policy) == [(0, 0, 2)]
+  # Offsets are x,y,z: (1, 0, 0) moves along the last array axis.
+  a = np.arange(5 * 5 * 5).reshape(5, 5, 5)
+  assert examples.crop(a, (1, 0, 0), (1, 1, 1))[0, 0, 0] == a[2, 2, 3]
+  # Augmentation applies the same transform to image and labels and keeps the object centred.
+  rng = np.random.default_rng(3)
+  img, lab = examples.augment(rng, [a, a.copy()])
+  np.testing.assert_array_equal(img, lab)
+  assert img[2, 2, 2] == a[2, 2, 2] and sorted(img.ravel()) == sorted(a.ravel())
+
+
+def test_training_lowers_loss(crop_data, tmp_path):
+  trainer = Trainer(_config(crop_data, tmp_path / "run", max_steps=150))
+  source = _source(crop_data, trainer)
+  # A fixed evaluation batch: examples the run never takes, FOV at the centre, initial seed.
+  xs, ys = [], []
+  for i in range(10_000, 10_008):
+    image, labels = source.example(i)
+    seed = examples.initial_seed(labels.shape)
+    xs.append(np.stack([examples.crop(image, (0, 0, 0), (9, 9, 9)),
+                        examples.crop(seed, (0, 0, 0), (9, 9, 9))], -1))
+    ys.append(examples.crop(labels, (0, 0, 0), (9, 9, 9))[..., None])
+  x, y = np.stack(xs), np.stack(ys)
+  before = trainer.loss_on(x, y)
+  trainer.attach_data(source)
+  assert trainer.run() == 0
+  after = trainer.loss_on(x, y)
+  assert int(trainer.step.numpy()) == 150
+  assert after < 0.75 * before, (before, after)
+  assert os.path.exists(tmp_path / "run" / "model.ckpt-150.index")
+  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run").iterdir())
+
+
+def test_sigterm_saves_and_resume_continues(crop_data, tmp_path):
+  train_dir = tmp_path / "run"
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py")] + _flags(crop_data, train_dir, 100_000),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=REPO_ROOT)
+  deadline = time.monotonic() + 120
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "step 30/" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+    assert time.monotonic() < deadline, "".join(lines)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == EXIT_PREEMPTED, "".join(lines) + rest
+  flags = (train_dir / "train_flags.json").read_text()
+  assert "convstack_3d.ConvStack3DFFNModel" in flags
+  ckpt = tf.train.latest_checkpoint(str(train_dir))
+  saved_step = int(ckpt.rsplit("-", 1)[1])
+  assert saved_step >= 30
+  reader = tf.train.load_checkpoint(ckpt)
+
+  trainer = Trainer(_config(crop_data, train_dir, max_steps=saved_step + 5))
+  assert trainer.restore_or_init()
+  assert int(trainer.step.numpy()) == saved_step
+  assert int(trainer.optimizer.iterations.numpy()) == saved_step
+  taken = int(trainer.examples_taken.numpy())
+  assert taken == reader.get_tensor("examples_taken/.ATTRIBUTES/VARIABLE_VALUE") and taken >= 4
+  # Optimizer slots after restore equal the saved ones, and they are not trivial.
+  keys = [k for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/slots/")]
+  assert len(keys) == 2 * len(trainer.variables)
+  # (the object-graph path escapes '.' in dict keys as '..')
+  slots = {f"optimizer/slots/{kind}/{name.replace('.', '..')}/.ATTRIBUTES/VARIABLE_VALUE": v
+           for kind, d in trainer.optimizer.slots.items() for name, v in d.items()}
+  assert set(slots) == set(keys)
+  for key, var in slots.items():
+    np.testing.assert_array_equal(var.numpy(), reader.get_tensor(key))
+  assert np.abs(slots[keys[0]].numpy()).max() > 0
+  # The model loads for inference from the training directory alone (flags file beside it).
+  import ffn.models
+  loaded = ffn.models.load(str(train_dir))
+  np.testing.assert_array_equal(loaded.model.convs["conv0_a"].weights.numpy(),
+                                trainer.model.convs["conv0_a"].weights.numpy())
+  # The data stream continues at the saved position: the next example is example #taken.
+  source = _source(crop_data, trainer)
+  trainer.attach_data(source)
+  image, labels = next(trainer._stream)
+  want_image, want_labels = source.example(taken)
+  np.testing.assert_array_equal(image.numpy(), want_image)
+  np.testing.assert_array_equal(labels.numpy(), want_labels)
+  trainer.attach_data(source)
+  assert trainer.run() == 0
+  assert int(trainer.step.numpy()) == saved_step + 5
+  assert int(trainer.examples_taken.numpy()) > taken
