@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -233,18 +234,29 @@ def encode_records(volume: np.ndarray, centers_xyz: np.ndarray, names: Sequence[
 
 def write_coordinates(path: str, volume: np.ndarray, centers_xyz: np.ndarray,
                       names: Sequence[str], progress: bool = False) -> None:
-  """Writes coordinate Examples to a GZIP TFRecord file atomically (temporary file + rename)."""
-  with atomic_path(path) as tmp, open(tmp, "wb") as f:
-    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip container
-    meter = Progress(volume.size, "coordinates", unit="records") if progress else None
+  """Writes coordinate Examples to a GZIP TFRecord file atomically (temporary file + rename).
+
+  ``volume``: index into ``names`` per record; ``centers_xyz``: int64 [N, 3], x,y,z voxels.
+  Chunks are encoded while the previous one is compressed in a second thread (zlib releases the
+  GIL), so both cores are busy.
+  """
+  compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip container
+  meter = Progress(volume.size, "coordinates", unit="records") if progress else None
+  with atomic_path(path) as tmp, open(tmp, "wb") as f, ThreadPoolExecutor(1) as pool:
+    pending = None
     for start in range(0, volume.size, CHUNK_RECORDS):
       stop = min(start + CHUNK_RECORDS, volume.size)
-      f.write(compressor.compress(encode_records(volume[start:stop], centers_xyz[start:stop], names)))
+      raw = encode_records(volume[start:stop], centers_xyz[start:stop], names)
+      if pending is not None:
+        pending.result()
+      pending = pool.submit(lambda data: f.write(compressor.compress(data)), raw)
       if meter is not None:
         meter.update(stop - start)
+    if pending is not None:
+      pending.result()
     f.write(compressor.flush())
-    if meter is not None:
-      meter.close()
+  if meter is not None:
+    meter.close()
 
 
 # ----------------------------------------------------------------------------------------------
