@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max_to_keep", type=int, default=5)
   parser.add_argument("--keep_checkpoint_every_n_hours", type=float, default=1.0)
   parser.add_argument("--log_every", type=int, default=100, help="console line every N steps")
+  parser.add_argument("--compute_dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="convolutions in bfloat16 (variables, loss and updates stay float32)")
   parser.add_argument("--seed", type=int, default=0, help="seed of initial weights and data order")
 
 

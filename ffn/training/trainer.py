@@ -70,6 +70,7 @@ class TrainConfig:
   keep_checkpoint_every_n_hours: float = 1.0
   log_every: int = 100
   seed: int = 0
+  compute_dtype: str = "float32"
 
 
 class _Slot:
@@ -113,7 +114,7 @@ class Trainer:
 
   def _train_step(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     with tf.GradientTape() as tape:
-      logits = self.model(x)
+      logits = self.model(x, compute_dtype=tf.as_dtype(self.cfg.compute_dtype))
       loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
     grads = tape.gradient(loss, self.variables)
     clip = self.cfg.max_gradient_entry_mag
