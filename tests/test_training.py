@@ -164,3 +164,38 @@ def test_sigterm_saves_and_resume_continues(crop_data, tmp_path):
   assert trainer.run() == 0
   assert int(trainer.step.numpy()) == saved_step + 5
   assert int(trainer.examples_taken.numpy()) > taken
+
+
+def test_bfloat16_step_and_clipping(tmp_path):
+  cfg = TrainConfig(train_coords="", data_volumes="", label_volumes="", model_name="convstack_3d",
+                    model_args=TINY_ARGS, train_dir=str(tmp_path), image_mean=128, image_stddev=33,
+                    batch_size=2, optimizer="sgd", learning_rate=1.0, max_gradient_entry_mag=0.01,
+                    compute_dtype="bfloat16")
+  trainer = Trainer(cfg)
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(size=(2, 9, 9, 9, 2)).astype(np.float32))
+  y = tf.constant(rng.uniform(0.05, 0.95, size=(2, 9, 9, 9, 1)).astype(np.float32))
+  before = [v.numpy() for v in trainer.variables]
+  logits, loss = trainer.train_step(x, y)
+  assert logits.dtype == tf.float32 and np.isfinite(float(loss))
+  # SGD with lr 1: each element moves by exactly its clipped gradient, so at most 0.01.
+  steps = [np.abs(v.numpy() - b).max() for v, b in zip(trainer.variables, before)]
+  assert max(steps) == pytest.approx(0.01, rel=1e-5) and min(steps) > 0
+
+
+def test_bad_inputs_are_user_errors(crop_data, tmp_path):
+  from ffn.errors import FFNError
+  h5 = crop_data / "crop.h5"
+  with pytest.raises(FFNError, match=r"coords\.tfr: volumes \['s2'\] are not in both"):
+    ExampleSource(str(crop_data / "coords.tfr"), f"other:{h5}:raw", f"other:{h5}:stack",
+                  (9, 9, 9), (2, 2, 2), 128, 33)
+  with pytest.raises(FFNError, match="no dataset 'labels'"):
+    ExampleSource(str(crop_data / "coords.tfr"), f"s2:{h5}:raw", f"s2:{h5}:labels",
+                  (9, 9, 9), (2, 2, 2), 128, 33)
+  with pytest.raises(FFNError, match="no coordinate is at least"):
+    ExampleSource(str(crop_data / "coords.tfr"), f"s2:{h5}:raw", f"s2:{h5}:stack",
+                  (65, 65, 65), (2, 2, 2), 128, 33)
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py")]
+                        + _flags(crop_data, tmp_path / "run", 10)[:-2] + ["--image_stddev", "0"],
+                        capture_output=True, text=True, cwd=REPO_ROOT)
+  assert proc.returncode == 2 and "--image_stddev must be positive" in proc.stderr
