@@ -119,6 +119,8 @@ def test_sigterm_saves_and_resume_continues(crop_data, tmp_path):
   lines = []
   for line in proc.stdout:
     lines.append(line)
+    if "step 10/" in line:
+      proc.send_signal(signal.SIGUSR1)  # save and continue
     if "step 30/" in line:
       proc.send_signal(signal.SIGTERM)
       break
@@ -130,6 +132,9 @@ def test_sigterm_saves_and_resume_continues(crop_data, tmp_path):
   ckpt = tf.train.latest_checkpoint(str(train_dir))
   saved_step = int(ckpt.rsplit("-", 1)[1])
   assert saved_step >= 30
+  state = tf.train.get_checkpoint_state(str(train_dir))
+  usr1_steps = [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths][:-1]
+  assert len(usr1_steps) == 1 and 10 <= usr1_steps[0] < saved_step
   reader = tf.train.load_checkpoint(ckpt)
 
   trainer = Trainer(_config(crop_data, train_dir, max_steps=saved_step + 5))
