@@ -1,0 +1,104 @@
+"""FFN inference on the FIB-25 100^3 test box: time, network evaluations and scores, fp32 vs bfloat16.
+
+  .venv/bin/python benchmarks/bench_inference.py [--data /work/shared/data/fib25] [--size 100]
+      [--dtypes float32,bfloat16] [--output_json out.json]
+
+Box: training_sample2 at start (75,75,75) x,y,z with google/ffn's fib25 request (PolicyPeaks,
+init 0.95, pad 0.05, move 0.9, segment 0.6, min size 1000, mean 128, stddev 33). Baseline measured
+in the same run: the median time of one bare network call (1x33^3, same dtype), so
+``overhead = total / (evaluations * call)`` shows what the flood fill adds around the network.
+google/ffn's code on this box (measured here earlier): VI split 0.597, VI merge 0.711,
+ARE 0.198, 24 objects, 23.7% unsegmented, 726 evaluations, ~75 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+REQUEST = """
+image {{ hdf5: "{data}/training_sample2.h5:raw" }}
+image_mean: 128
+image_stddev: 33
+seed_policy: "PolicyPeaks"
+model_checkpoint_path: "{data}/model/model.ckpt-27465036"
+model_name: "convstack_3d.ConvStack3DFFNModel"
+model_args: "{{\\"depth\\": 12, \\"fov_size\\": [33, 33, 33], \\"deltas\\": [8, 8, 8]}}"
+segmentation_output_dir: "{out}"
+inference_options {{
+  init_activation: 0.95 pad_value: 0.05 move_threshold: 0.9
+  min_boundary_dist {{ x: 1 y: 1 z: 1 }} segment_threshold: 0.6 min_segment_size: 1000
+}}
+"""
+
+
+def bench(data: str, size: int, dtype: str) -> dict:
+  from ffn.axes import BoundingBox
+  from ffn.inference.request import parse_request
+  from ffn.inference.runner import Runner
+  from ffn.inference.storage import load_segmentation_file
+  from ffn.io.volumes import read_volume
+  from ffn.metrics import evaluate
+  box = BoundingBox((75, 75, 75), (size, size, size))
+  with tempfile.TemporaryDirectory() as out:
+    runner = Runner(parse_request(REQUEST.format(data=data, out=out)), compute_dtype=dtype)
+    t0 = time.perf_counter()
+    runner.load_model()
+    t_load = time.perf_counter() - t0
+    x = np.random.default_rng(0).normal(size=(1, 33, 33, 33, 2)).astype(np.float32)
+    for _ in range(3):
+      runner.predict(x)
+    calls = []
+    for _ in range(15):
+      t = time.perf_counter()
+      runner.predict(x)
+      calls.append(time.perf_counter() - t)
+    call = statistics.median(calls)
+    t0 = time.perf_counter()
+    path = runner.run(box)
+    total = time.perf_counter() - t0
+    seg, _ = load_segmentation_file(path)
+  gt = read_volume(f"{data}/training_sample2.h5:stack", box)
+  evals = runner.counters["inference-calls"]
+  scores = evaluate(seg, gt)
+  return {"dtype": dtype, "box_size": size, "seconds": total, "model_load_s": t_load,
+          "evaluations": evals, "network_call_ms_median": 1000 * call,
+          "network_s_in_run": runner.counters["inference-time-ms"] / 1000,
+          "overhead_ratio": total / max(evals * call, 1e-9), **scores}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", default="/work/shared/data/fib25")
+  parser.add_argument("--size", type=int, default=100)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--output_json", default=None)
+  args = parser.parse_args()
+  results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
+             "runs": [bench(args.data, args.size, d) for d in args.dtypes.split(",")]}
+  if len(results["runs"]) > 1:
+    a, b = results["runs"][0], results["runs"][1]
+    results["speedup"] = a["seconds"] / b["seconds"]
+    results["are_difference"] = abs(a["adjusted_rand_error"] - b["adjusted_rand_error"])
+  for r in results["runs"]:
+    print(f"{r['dtype']:>8}: {r['seconds']:.1f} s, {r['evaluations']} evaluations, "
+          f"call {r['network_call_ms_median']:.0f} ms, overhead x{r['overhead_ratio']:.2f} | "
+          f"VI split {r['vi_split']:.3f} merge {r['vi_merge']:.3f} ARE {r['adjusted_rand_error']:.3f} "
+          f"objects {r['segments']} unsegmented {100 * r['fraction_unsegmented']:.1f}%")
+  text = json.dumps(results, indent=2)
+  print(text)
+  if args.output_json:
+    with open(args.output_json, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,172 @@
+"""Flood-fill mechanics with a deterministic pure-numpy predictor (a test oracle, not a model).
+
+The oracle returns +4 on the bright connected component containing the FoV centre and -4
+elsewhere, so each bright blob must become exactly one object. The real network is exercised
+in tests/test_inference_model.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ffn.inference import inference_pb2, seed as seed_lib, storage
+from ffn.inference.canvas import Canvas
+from ffn.inference.movement import FaceMaxMovementPolicy, scored_move_offsets
+
+FOV = (9, 9, 9)
+DELTAS = (2, 2, 2)
+
+
+def oracle(x: np.ndarray) -> np.ndarray:
+  image = x[0, ..., 0]
+  centre = tuple(s // 2 for s in image.shape)
+  labels, _ = ndimage.label(image > 0)
+  inside = labels == labels[centre] if labels[centre] else np.zeros(image.shape, bool)
+  return np.where(inside, 4.0, -4.0).astype(np.float32)[None, ..., None]
+
+
+def options(**overrides) -> inference_pb2.InferenceOptions:
+  opts = inference_pb2.InferenceOptions(init_activation=0.95, pad_value=0.05, move_threshold=0.9,
+                                        segment_threshold=0.6, min_segment_size=10)
+  opts.min_boundary_dist.x = opts.min_boundary_dist.y = opts.min_boundary_dist.z = 1
+  for k, v in overrides.items():
+    setattr(opts, k, v)
+  return opts
+
+
+def blobs_image() -> np.ndarray:
+  """Two separated bright boxes (+1) on a dark (-1) 30^3 background, z,y,x."""
+  img = -np.ones((30, 30, 30), np.float32)
+  img[5:25, 5:12, 5:12] = 1  # an elongated object, longer than one FoV
+  img[5:25, 17:25, 17:25] = 1
+  return img
+
+
+def test_each_blob_becomes_one_object():
+  img = blobs_image()
+  canvas = Canvas(img, options(), oracle, FOV, DELTAS)
+  canvas.segment_all(seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}'))
+  seg = np.where(canvas.segmentation < 0, 0, canvas.segmentation)
+  ids = set(np.unique(seg)) - {0}
+  assert len(ids) == 2
+  truth, _ = ndimage.label(img > 0)
+  for i in ids:
+    # each object lies inside one blob and covers all of it (the FoV walks along the long axis)
+    assert len(set(np.unique(truth[seg == i]))) == 1
+    blob = truth[seg == i][0]
+    assert np.sum(seg == i) >= 0.95 * np.sum(truth == blob)
+  assert canvas.counters["inference-calls"] > 2
+  assert all(info.iters >= 2 for info in canvas.origins.values())
+
+
+def test_min_segment_size_rejects_and_marks_seed():
+  img = blobs_image()
+  canvas = Canvas(img, options(min_segment_size=100000), oracle, FOV, DELTAS)
+  canvas.segment_all(seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}'))
+  assert not canvas.origins
+  assert np.all(canvas.segmentation <= 0) and np.any(canvas.segmentation == -1)
+
+
+def test_restrictor_mask_blocks_segmentation():
+  img = blobs_image()
+  mask = np.zeros(img.shape, bool)
+  mask[:, :15, :15] = True  # covers the first blob
+  canvas = Canvas(img, options(), oracle, FOV, DELTAS, restrictor_mask=mask)
+  canvas.segment_all(seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}'))
+  assert len(canvas.origins) == 1
+  (origin,) = canvas.origins.values()
+  assert origin.start_zyx[1] >= 15
+
+
+def test_move_offsets_face_maxima():
+  logits = np.full((9, 9, 9), -5.0, np.float32)
+  logits[4, 4, 6] = 3.0  # on the +x face (delta 2), centred
+  logits[2, 5, 4] = 2.5  # on the -z face, one voxel off-centre in y
+  moves = sorted(scored_move_offsets((2, 2, 2), logits, threshold=2.0), reverse=True)
+  assert [m[1] for m in moves] == [(0, 0, 2), (-2, 1, 0)]
+  assert scored_move_offsets((2, 2, 2), logits, threshold=3.5) == []
+
+
+def test_movement_policy_skips_visited_cells():
+  canvas = Canvas(blobs_image(), options(), oracle, FOV, DELTAS)
+  policy = FaceMaxMovementPolicy(canvas, DELTAS, 1.0)
+  policy.reset_state((10, 10, 10))
+  assert policy.quantize_pos((10, 10, 10)) == (0, 0, 0)
+  assert policy.quantize_pos((11, 10, 10)) == (1, 0, 0)  # half a delta away: next cell
+  assert policy.quantize_pos((9, 10, 10)) == (0, 0, 0)
+
+
+def test_peaks_policy_deterministic_and_away_from_edges():
+  rng = np.random.default_rng(0)
+  img = blobs_image() + rng.normal(0, 0.05, (30, 30, 30)).astype(np.float32)
+  canvas = Canvas(img, options(), oracle, FOV, DELTAS)
+  a = seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords()
+  b = seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords()
+  np.testing.assert_array_equal(a, b)
+  assert len(a) > 0
+  assert np.all(np.diff(a[:, 0]) >= 0)  # sorted by z first
+  assert np.all(a >= 3) and np.all(a < 27)  # border of min_distance excluded
+
+
+def test_peak_local_max_simple():
+  img = np.zeros((11, 11, 11))
+  img[5, 5, 5] = 2.0
+  img[5, 5, 9] = 1.0  # within min_distance 3 of the border: dropped
+  img[1, 1, 1] = 3.0  # too close to the border
+  np.testing.assert_array_equal(seed_lib.peak_local_max(img, 3), [[5, 5, 5]])
+
+
+def test_grid_and_unknown_policy():
+  canvas = Canvas(blobs_image(), options(), oracle, FOV, DELTAS)
+  pol = seed_lib.make_policy("PolicyGrid3d", '{"step": 10, "offsets": [0]}')(canvas)
+  assert len(pol.init_coords()) == 27
+  with pytest.raises(Exception, match="unknown policy 'Nope'"):
+    seed_lib.make_policy("Nope")
+  with pytest.raises(Exception, match="not valid JSON"):
+    seed_lib.make_policy("PolicyPeaks", "{bad")
+
+
+def test_checkpoint_resume_mid_object_gives_identical_result(tmp_path):
+  img = blobs_image()
+  policy = seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}')
+  full = Canvas(img, options(), oracle, FOV, DELTAS)
+  full.segment_all(policy)
+
+  class Stop(Exception):
+    pass
+
+  calls = {"n": 0}
+  def stopping_oracle(x):
+    calls["n"] += 1
+    if calls["n"] == 5:  # in the middle of the first object
+      raise Stop
+    return oracle(x)
+
+  path = str(tmp_path / "c.cpoint")
+  first = Canvas(img, options(), stopping_oracle, FOV, DELTAS, checkpoint_path=path,
+                 checkpoint_interval_sec=1e-9)
+  with pytest.raises(Stop):
+    first.segment_all(policy)
+  resumed = Canvas(img, options(), oracle, FOV, DELTAS)
+  partial = resumed.restore_checkpoint(path)
+  assert partial > 0
+  resumed.segment_all(policy, partial_segment_iters=partial)
+  np.testing.assert_array_equal(resumed.segmentation, full.segmentation)
+  np.testing.assert_array_equal(resumed.seg_prob, full.seg_prob)
+  assert {k: v.iters for k, v in resumed.origins.items()} == {k: v.iters for k, v in full.origins.items()}
+
+
+def test_invert_origins_policy(tmp_path):
+  img = blobs_image()
+  canvas = Canvas(img, options(), oracle, FOV, DELTAS)
+  canvas.segment_all(seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}'))
+  out = str(tmp_path)
+  storage.save_subvolume(np.maximum(canvas.segmentation, 0), canvas.origins,
+                         storage.segmentation_path(out, (0, 0, 0)))
+  inv = Canvas(img, options(), oracle, FOV, DELTAS)
+  pol = seed_lib.make_policy("PolicyInvertOrigins", f'{{"segmentation_dir": "{out}"}}')(inv)
+  coords = pol.init_coords()
+  expected = [canvas.origins[i].start_zyx for i in sorted(canvas.origins, reverse=True)]
+  np.testing.assert_array_equal(coords, np.array(expected))
