@@ -1,0 +1,91 @@
+"""``ffn run_inference`` on bad input: one clear line on stderr, exit 2, no result file."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from ffn.cli import main
+
+GOOD = {
+    "image": '{{ hdf5: "{img}:raw" }}',
+    "image_mean": "128",
+    "image_stddev": "33",
+    "seed_policy": '"PolicyPeaks"',
+    "model_checkpoint_path": '"{ckpt}"',
+    "model_name": '"convstack_3d.ConvStack3DFFNModel"',
+    "model_args": r'"{{\"depth\": 12, \"fov_size\": [33, 33, 33], \"deltas\": [8, 8, 8]}}"',
+    "segmentation_output_dir": '"{out}"',
+    "inference_options": "{{ init_activation: 0.95 pad_value: 0.05 move_threshold: 0.9 "
+                         "segment_threshold: 0.6 min_segment_size: 1000 }}",
+}
+
+
+@pytest.fixture()
+def setup(tmp_path, fib25_dir):
+  img = tmp_path / "img.h5"
+  with h5py.File(img, "w") as f:
+    f["raw"] = np.full((40, 40, 40), 128, np.uint8)
+  ckpt = fib25_dir / "model" / "model.ckpt-27465036"
+  return {"img": str(img), "ckpt": str(ckpt), "out": str(tmp_path / "out"), "dir": tmp_path}
+
+
+def write_request(setup, **changes) -> str:
+  fields = dict(GOOD)
+  fields.update(changes)
+  text = "\n".join(f"{k}: {v}" if not v.startswith("{") else f"{k} {v}"
+                   for k, v in fields.items() if v is not None)
+  path = setup["dir"] / "req.pbtxt"
+  path.write_text(text.format(**setup))
+  return str(path)
+
+
+def run(capsys, req, box=None) -> tuple[int, str]:
+  argv = ["run_inference", f"--inference_request={req}"]
+  if box:
+    argv.append(f"--bounding_box={box}")
+  code = main(argv)
+  return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"image": '{{ hdf5: "{dir}/nope.h5:raw" }}'}, "nope.h5: file not found"),
+    ({"image": '{{ hdf5: "{img}:missing" }}'}, "no dataset 'missing'"),
+    ({"model_checkpoint_path": '"{dir}/model.ckpt-1"'}, "checkpoint not found"),
+    ({"seed_policy": '"PolicyBogus"'}, "unknown policy 'PolicyBogus'"),
+    ({"model_name": '"nonexistent.Model"'}, "unknown model_name 'nonexistent.Model'"),
+    ({"seed_policy_args": '"{{not json"'}, "seed_policy_args: not valid JSON"),
+    ({"segmentation_output_dir": None}, "segmentation_output_dir is not set"),
+])
+def test_bad_request(setup, capsys, change, expect):
+  code, err = run(capsys, write_request(setup, **change))
+  assert code == 2
+  assert expect in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(setup["out"]) or not any(p for p in os.scandir(setup["out"]))
+
+
+def test_malformed_pbtxt(setup, capsys):
+  path = setup["dir"] / "bad.pbtxt"
+  path.write_text('image_mean: 128\nimage_stddev: "abc"\n')
+  code, err = run(capsys, str(path))
+  assert code == 2 and "bad.pbtxt" in err and "2:" in err and len(err.splitlines()) == 1, err
+
+
+def test_box_outside_volume(setup, capsys):
+  box = "start { x: 20 y: 0 z: 0 } size { x: 30 y: 10 z: 10 }"
+  code, err = run(capsys, write_request(setup), box)
+  assert code == 2 and "outside the volume" in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(setup["out"])
+
+
+def test_malformed_box(setup, capsys):
+  code, err = run(capsys, write_request(setup), "start { x: 1 } size {")
+  assert code == 2 and "--bounding_box" in err
+
+
+def test_missing_request_file(setup, capsys):
+  code, err = run(capsys, str(setup["dir"] / "none.pbtxt"))
+  assert code == 2 and "none.pbtxt: inference request file not found" in err
