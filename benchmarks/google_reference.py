@@ -7,9 +7,11 @@ value and one ``tf.train.Example`` per record. It is the baseline of ``bench_dat
 oracle of the tests of :mod:`ffn.data.partitions` and :mod:`ffn.data.coordinates`. Not used by the
 toolkit itself.
 
-Only two deliberate differences from google's scripts: the random generator is seeded (google
-uses the unseeded global one), and a margin of 0 keeps the whole axis (google's ``m:-m`` slicing
-would keep nothing).
+Deliberate differences from google's scripts: the random generator is seeded (google uses the
+unseeded global one); a margin of 0 keeps the whole axis (google's ``m:-m`` slicing would keep
+nothing); Examples are serialised deterministically (map entries sorted by key: ``center`` first).
+The default protobuf (upb) serialisation orders the two map entries differently from process to
+process, so google's own files are not byte-reproducible; parsed, they are the same.
 """
 
 from __future__ import annotations
@@ -113,4 +115,4 @@ def write_coordinates_reference(path: str, records: list[tuple[int, tuple[int, i
           center=tf.train.Feature(int64_list=tf.train.Int64List(value=list(center))),
           label_volume_name=tf.train.Feature(
               bytes_list=tf.train.BytesList(value=[names[i].encode("utf-8")])))))
-      writer.write(example.SerializeToString())
+      writer.write(example.SerializeToString(deterministic=True))

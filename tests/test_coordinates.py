@@ -47,7 +47,7 @@ def test_example_encoding_matches_protobuf():
       example = tf.train.Example(features=tf.train.Features(feature=dict(
           center=tf.train.Feature(int64_list=tf.train.Int64List(value=center)),
           label_volume_name=tf.train.Feature(bytes_list=tf.train.BytesList(value=[name])))))
-      assert coords.encode_example(center, name) == example.SerializeToString()
+      assert coords.encode_example(center, name) == example.SerializeToString(deterministic=True)
 
 
 def test_same_records_and_bytes_as_google(tmp_path):

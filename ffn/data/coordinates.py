@@ -11,8 +11,10 @@ Speed: instead of Python lists of tuples and one TensorFlow ``Example`` object p
 candidates are int64 keys sorted by partition value, and the records are assembled in numpy from
 byte templates (one per volume name and varint widths of x, y, z), with the TFRecord framing and
 its masked CRC32C computed vectorised. The uncompressed record stream is byte-identical to what
-``tf.io.TFRecordWriter`` gets from ``tf.train.Example.SerializeToString()``, and with the same
-seed the record order equals google's algorithm run under ``np.random.seed(seed)``.
+``tf.io.TFRecordWriter`` writes for ``tf.train.Example.SerializeToString(deterministic=True)``
+(map entries sorted: ``center`` first; protobuf's default order of the two entries varies from
+process to process), and with the same seed the record order equals google's algorithm run under
+``np.random.seed(seed)``.
 """
 
 from __future__ import annotations
@@ -123,12 +125,19 @@ def _field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+def _name_entry(volume_name: bytes) -> bytes:
+  """The ``label_volume_name`` map entry of Features (Feature.bytes_list = 1)."""
+  return _field(1, _field(1, b"label_volume_name") + _field(2, _field(1, _field(1, volume_name))))
+
+
 def encode_example(center_xyz: Sequence[int], volume_name: bytes) -> bytes:
-  """Serialises one coordinate ``tf.train.Example`` exactly as protobuf does (centre first)."""
+  """Serialises one coordinate ``tf.train.Example`` like protobuf's deterministic serialisation.
+
+  The packed varints of the centre are the last bytes before the volume-name entry.
+  """
   packed = b"".join(_varint(int(v)) for v in center_xyz)
   center = _field(1, b"center") + _field(2, _field(3, _field(1, packed)))  # Feature.int64_list = 3
-  name = _field(1, b"label_volume_name") + _field(2, _field(1, _field(1, volume_name)))
-  return _field(1, _field(1, center) + _field(1, name))
+  return _field(1, _field(1, center) + _name_entry(volume_name))
 
 
 def _crc_table() -> np.ndarray:
@@ -201,9 +210,10 @@ def encode_records(volume: np.ndarray, centers_xyz: np.ndarray, names: Sequence[
     rows = np.flatnonzero(inverse == g)
     v, wx, wy, wz = code // 1000, code // 100 % 10 + 1, code // 10 % 10 + 1, code % 10 + 1
     probe = [(1 << (7 * (w - 1))) for w in (wx, wy, wz)]  # smallest value of each width
-    template = encode_example(probe, names[v].encode("utf-8"))
+    name = names[v].encode("utf-8")
+    template = encode_example(probe, name)
     tmpl = np.frombuffer(template, dtype=np.uint8)
-    col = packed_at = template.index(b"".join(_varint(p) for p in probe))
+    col = packed_at = len(template) - len(_name_entry(name)) - (wx + wy + wz)
     data = np.tile(tmpl, (rows.size, 1))
     for axis, w in enumerate((wx, wy, wz)):
       vals = centers_xyz[rows, axis]

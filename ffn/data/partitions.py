@@ -76,7 +76,7 @@ def _compact_labels(labels: np.ndarray, min_size: int,
   Everything else becomes 0. Returns (compact labels z,y,x, n).
   """
   flat = labels.reshape(-1)
-  if flat.size and flat.min() >= 0 and flat.max() < max(4 * flat.size, 1 << 20):
+  if flat.size and flat.min() >= 0 and flat.max() < max(flat.size, 1 << 20):
     sizes = np.bincount(flat)
     ids = np.arange(sizes.size)
     inverse = flat
