@@ -1,0 +1,118 @@
+"""``ffn export``: a segmentation to HDF5 (int64) / TIFF stack / PNG stack, plus a preview PNG.
+
+  ffn export --segmentation results/75/75/seg-75_75_75.npz --format h5 --output seg.h5:seg
+  ffn export --segmentation seg.h5:seg --format png --output seg_png/
+  ffn export --segmentation ... --preview preview.png --image raw.h5:raw
+
+PNG slices are 16-bit label images (ids modulo 65536; a warning is logged if ids exceed that),
+one per z, named ``seg_00000.png``. The preview shows the three orthogonal centre slices (xy, xz,
+yz) of the image with each object in its own colour (fixed hash of the id) at 50% opacity; when
+the segmentation comes from a ``seg-x_y_z.npz`` result, the image is read at that box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import numpy as np
+
+from ffn.axes import BoundingBox, zyx_to_xyz
+from ffn.errors import FFNError
+from ffn.io.atomic import atomic_path, check_writable_dir
+
+_log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--segmentation", required=True, help="result .npz or file.h5:dataset")
+  parser.add_argument("--format", choices=("h5", "tiff", "png"), default=None,
+                      help="h5: --output file.h5:dataset (int64); tiff: one multi-page .tif; "
+                           "png: a directory of 16-bit slices")
+  parser.add_argument("--output", default=None, help="destination (see --format)")
+  parser.add_argument("--preview", default=None, help="write an orthogonal-slice preview PNG here")
+  parser.add_argument("--image", default=None, help="image file.h5:dataset for the preview")
+
+
+def label_colors(labels: np.ndarray) -> np.ndarray:
+  """A fixed pseudo-random RGB colour (uint8) per label; label 0 -> black."""
+  x = labels.astype(np.uint64)
+  x = (x * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+  rgb = np.stack([(x >> np.uint64(s)) & np.uint64(0xFF) for s in (16, 32, 48)], axis=-1)
+  rgb = (rgb.astype(np.uint16) // 2 + 96).astype(np.uint8)  # bright, saturated enough to see
+  rgb[labels == 0] = 0
+  return rgb
+
+
+def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """RGB uint8 mosaic [xy | xz | yz] of the centre slices; labels over a grey image (z,y,x)."""
+  center = [s // 2 for s in labels.shape]
+  cuts_l = [labels[center[0]], labels[:, center[1], :], labels[:, :, center[2]]]
+  if image is None:
+    cuts_i = [np.zeros(c.shape, np.float32) for c in cuts_l]
+  else:
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
+    norm = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    cuts_i = [norm[center[0]], norm[:, center[1], :], norm[:, :, center[2]]]
+  tiles = []
+  for img, lab in zip(cuts_i, cuts_l):
+    grey = np.repeat(img[..., None], 3, axis=-1)
+    color = label_colors(lab).astype(np.float32)
+    on = (lab != 0)[..., None]
+    tiles.append(np.where(on, (1 - alpha) * grey + alpha * color, grey).astype(np.uint8))
+  height = max(t.shape[0] for t in tiles)
+  gap = np.full((height, 4, 3), 255, np.uint8)
+  padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
+  return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)
+
+
+def _load(spec: str) -> tuple[np.ndarray, BoundingBox | None]:
+  from ffn.metrics.cli import load_labels
+  labels, corner = load_labels(spec)
+  box = BoundingBox(corner, zyx_to_xyz(labels.shape)) if corner is not None else None
+  return labels, box
+
+
+def write_png_stack(labels: np.ndarray, directory: str) -> None:
+  from PIL import Image
+  if labels.max(initial=0) > 65535:
+    _log.warning("ids above 65535 are wrapped in 16-bit PNG slices; use --format h5 to keep them")
+  check_writable_dir(os.path.join(directory, "x"))
+  for z, plane in enumerate(labels):
+    path = os.path.join(directory, f"seg_{z:05d}.png")
+    with atomic_path(path, suffix=".png") as tmp:
+      Image.fromarray((plane % 65536).astype(np.uint16)).save(tmp, format="PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.format is None and args.preview is None:
+    raise FFNError("nothing to do: give --format with --output, and/or --preview")
+  if args.format is not None and not args.output:
+    raise FFNError(f"--format {args.format} needs --output")
+  labels, box = _load(args.segmentation)
+  if args.format == "h5":
+    from ffn.io.volumes import write_spec
+    write_spec(args.output, labels.astype(np.int64))
+  elif args.format == "tiff":
+    import tifffile
+    with atomic_path(args.output, suffix=".tif") as tmp:
+      tifffile.imwrite(tmp, labels.astype(np.uint32 if labels.max(initial=0) < 2**32 else np.uint64),
+                       photometric="minisblack")
+  elif args.format == "png":
+    write_png_stack(labels, args.output)
+  if args.format:
+    _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
+  if args.preview:
+    image = None
+    if args.image:
+      from ffn.io.volumes import Volume
+      with Volume(args.image) as vol:
+        if box is None:
+          box = BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape))
+        image = vol.read_box(box)
+    from PIL import Image
+    with atomic_path(args.preview, suffix=".png") as tmp:
+      Image.fromarray(ortho_preview(image, labels)).save(tmp, format="PNG")
+    _log.info("wrote preview %s", args.preview)
+  return 0
