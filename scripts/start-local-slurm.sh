@@ -5,7 +5,8 @@
 # What it sets up:
 #   * munge (the authentication Slurm daemons and clients share),
 #   * MariaDB + slurmdbd (job accounting: `sacct` works, which submitit needs to read job states),
-#   * slurmctld + slurmd with one node (this host, all its CPUs, 85% of its memory) in one partition.
+#   * slurmctld + slurmd with one node (this host, all its CPUs, 85% of its memory, node feature
+#     "localnode" so that --constraint can be tried) in one partition.
 # Daemons are started directly (no systemd: this also works in containers) and are found again by
 # their PID files, so running the script twice is harmless. scripts/stop-local-slurm.sh stops them.
 #
@@ -27,7 +28,8 @@ die() { echo "start-local-slurm: $*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu)"
 [[ "$FAKE_GPUS" =~ ^[0-9]+$ ]] || die "LOCAL_SLURM_GPUS must be a non-negative integer, got '$FAKE_GPUS'"
 
-# One start at a time (two test runs on one machine must not both write the configs).
+# One start at a time (two test runs on one machine must not both write the configs). The daemons
+# are started with the lock's descriptor closed (9>&-): they would otherwise hold it forever.
 mkdir -p /run/lock "$(dirname "$SETUP_LOG")"
 exec 9>/run/lock/ffn-local-slurm.lock
 flock 9
@@ -79,7 +81,7 @@ getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >>/etc/hosts
 chown munge:munge /etc/munge/munge.key
 chmod 400 /etc/munge/munge.key
 install -d -o munge -g munge -m 755 /run/munge
-running /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
+running /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged 9>&-
 retry 15 "munged" sh -c 'munge -n | unmunge'
 
 # 3. Slurm configuration. cons_tres with CR_Core_Memory schedules cores and memory, so a job array
@@ -127,7 +129,7 @@ DefMemPerCPU=1000
 ReturnToService=2
 KillWait=5
 $([ "$FAKE_GPUS" -gt 0 ] && echo "GresTypes=gpu")
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB $GRES_LINE State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Features=localnode $GRES_LINE State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -135,7 +137,7 @@ EOF
 install -d -o mysql -g mysql /run/mysqld
 if ! running /run/mysqld/mysqld.pid; then
   setsid -f /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/run/mysqld/mysqld.sock \
-    --pid-file=/run/mysqld/mysqld.pid </dev/null >>/var/log/slurm/mariadb.log 2>&1
+    --pid-file=/run/mysqld/mysqld.pid </dev/null >>/var/log/slurm/mariadb.log 2>&1 9>&-
 fi
 retry 60 "MariaDB" mariadb -e 'SELECT 1'
 mariadb <<'SQL'
@@ -156,13 +158,13 @@ StorageUser=slurm
 StoragePass=local-slurm-accounting
 StorageLoc=slurm_acct_db
 EOF
-running /run/slurmdbd.pid || /usr/sbin/slurmdbd
+running /run/slurmdbd.pid || /usr/sbin/slurmdbd 9>&-
 retry 60 "slurmdbd" sacctmgr -n list cluster
 
 # 5. Controller and node daemon. The controller registers the cluster with slurmdbd on start-up.
-running /run/slurmctld.pid || /usr/sbin/slurmctld
+running /run/slurmctld.pid || /usr/sbin/slurmctld 9>&-
 retry 60 "slurmctld" scontrol ping
-running /run/slurmd.pid || /usr/sbin/slurmd
+running /run/slurmd.pid || /usr/sbin/slurmd 9>&-
 # A node that was DOWN (e.g. from an earlier, killed run) is resumed until it reports idle.
 node_idle() {
   sinfo -h -n "$HOST" -o %T | grep -Eqx 'idle|mixed|allocated' && return 0
