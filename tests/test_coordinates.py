@@ -156,3 +156,49 @@ def test_cli_errors(tmp_path, capsys, problem):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("ffn build_coordinates: error:")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["af.h5"]  # no output, no temporary file
+
+
+def _write_tf(path, payloads, compression):
+  with tf.io.TFRecordWriter(str(path), options=tf.io.TFRecordOptions(compression_type=compression)) as w:
+    for payload in payloads:
+      w.write(payload)
+
+
+@pytest.mark.parametrize("compression", ["GZIP", ""])
+def test_load_coordinates_any_entry_order_and_extra_features(tmp_path, compression):
+  centers = np.array([[5, 300, 20000], [0, 1, 2], [2 ** 33, 7, 129]])
+  names = ["b", "a_long_volume_name", "b"]
+  payloads = []
+  for i, (center, name) in enumerate(zip(centers.tolist(), names)):
+    canonical = tf.train.Example.FromString(coords.encode_example(center, name.encode()))
+    # Entries written name-first by hand: valid protobuf, the order google's files may have.
+    entries = list(canonical.features.feature.items())[::-1 if i % 2 else 1]
+    body = b"".join(coords._field(1, coords._field(1, k.encode()) + coords._field(2, v.SerializeToString()))
+                    for k, v in entries)
+    payloads.append(coords._field(1, body))
+  _write_tf(tmp_path / "mixed.tfr", payloads, compression)
+  loaded, loaded_names = coords.load_coordinates(str(tmp_path / "mixed.tfr"))
+  np.testing.assert_array_equal(loaded, centers)
+  assert loaded_names == names
+  raw = (tmp_path / "mixed.tfr").read_bytes()
+  raw = gzip.decompress(raw) if compression else raw
+  fast = coords._parse_examples(np.frombuffer(raw + bytes(16), np.uint8), *coords._record_offsets(raw))
+  np.testing.assert_array_equal(fast[0], centers)  # the vectorised parser handled both orders
+  # An extra feature: not the fast layout, read through TensorFlow with the same result.
+  extra = []
+  for center, name in zip(centers.tolist(), names):
+    ex = tf.train.Example.FromString(coords.encode_example(center, name.encode()))
+    ex.features.feature["weight"].float_list.value.append(1.0)
+    extra.append(ex.SerializeToString())
+  _write_tf(tmp_path / "extra.tfr", extra, compression)
+  loaded, loaded_names = coords.load_coordinates(str(tmp_path / "extra.tfr"))
+  np.testing.assert_array_equal(loaded, centers)
+  assert loaded_names == names
+
+
+def test_load_coordinates_errors(tmp_path):
+  with pytest.raises(FFNError, match="cannot read"):
+    coords.load_coordinates(str(tmp_path / "missing.tfr"))
+  (tmp_path / "junk.tfr").write_bytes(b"not a tfrecord file at all")
+  with pytest.raises(FFNError, match="not a coordinate TFRecord"):
+    coords.load_coordinates(str(tmp_path / "junk.tfr"))
