@@ -198,6 +198,9 @@ def make_executor(options: SlurmOptions, folder: str | Path) -> JobExecutor:
   Logs go to ``<options.log_dir or folder/logs>/<job id>/`` (see the module docstring).
   """
   cluster = resolve_cluster(options.cluster)
+  if cluster != "slurm" and options.nodes > 1:
+    raise FFNError(f"--slurm_nodes {options.nodes} needs Slurm: the {cluster} cluster is this "
+                   "one machine")
   log_root = Path(options.log_dir) if options.log_dir else Path(folder) / "logs"
   log_root = log_root.expanduser().absolute()
   executor = JobExecutor(options, log_root, cluster)

@@ -123,6 +123,8 @@ def test_explicit_slurm_without_cluster_is_user_error(monkeypatch: pytest.Monkey
   monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/sinfo reachable
   with pytest.raises(FFNError, match="no Slurm controller answers"):
     make_executor(SlurmOptions(cluster="slurm"), tmp_path / "work")
+  with pytest.raises(FFNError, match="--slurm_nodes 2 needs Slurm"):
+    make_executor(SlurmOptions(cluster="auto", nodes=2), tmp_path / "work")
   assert make_executor(SlurmOptions(cluster="auto"), tmp_path / "work").cluster == "local"
 
 
