@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build_coordinates": ("ffn.data.coordinates",
                           "sample balanced training coordinates to a TFRecord (google/ffn flags)"),
     "train": ("ffn.training.cli", "train an FFN (google/ffn train.py flags)"),
+    "slurm_train": ("ffn.training.distributed",
+                    "train an FFN as a Slurm job: synchronous or parameter-server, requeued on preemption"),
     "run_inference": ("ffn.inference.cli", "segment a volume with a trained FFN (InferenceRequest pbtxt)"),
     "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted Rand error and object counts vs ground truth"),
     "export": ("ffn.inference.export", "export a segmentation to HDF5 / TIFF / PNG, preview PNG"),

@@ -107,15 +107,19 @@ class ExampleSource:
     image, labels = augment(rng, [image, labels], self.permutable_axes, self.reflectable_axes)
     return (image - self.image_mean) / self.image_stddev, labels
 
-  def stream(self, start: int, prefetch: int = 16):
-    """A prefetching ``tf.data`` iterator of (image, labels) from stream position ``start``."""
+  def stream(self, start: int, prefetch: int = 16, worker: int = 0, num_workers: int = 1):
+    """A prefetching ``tf.data`` iterator of (image, labels) from stream position ``start``.
+
+    With ``num_workers`` > 1 this worker's position ``i`` is example ``i * num_workers + worker``:
+    the workers read disjoint interleaved parts of one stream.
+    """
     import tensorflow as tf
     shape = tuple(int(v) for v in self.size_xyz[::-1])
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
       index = start
       while True:
-        yield self.example(index)
+        yield self.example(index * num_workers + worker)
         index += 1
 
     spec = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec(shape, tf.float32))

@@ -10,6 +10,12 @@ predictions, as in inference. A slot whose policy is exhausted takes the next ex
 Checkpoints (``tf.train.Checkpoint`` via ``CheckpointManager``, prefix ``model.ckpt-<step>``) hold
 the model, the optimizer slots, the step and the data-stream position (examples taken so far);
 examples in flight when a checkpoint is written are not resumed -- a restart takes fresh ones.
+
+Under a ``tf.distribute`` strategy (see :mod:`ffn.training.distributed`) each worker process owns
+``batch_size`` slots per local replica, reads every ``num_workers``-th example of the stream, and
+the replicas all-reduce (mean) their gradients before clipping, so ``batch_size`` is per replica.
+Stop and save decisions (signals, checkpoint interval) are agreed by all workers after each step;
+only the chief (worker 0) writes checkpoints and summaries to ``train_dir``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Iterator
 
@@ -85,28 +93,44 @@ class _Slot:
 class Trainer:
   """Owns model, optimizer, checkpointing, the example stream and summaries for one run."""
 
-  def __init__(self, cfg: TrainConfig):
+  def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy | None = None,
+               worker: int = 0, num_workers: int = 1):
+    """``strategy``: None for one process on the default device; else a strategy whose scope
+    holds the variables. ``worker``/``num_workers``: this process among the synchronous workers
+    (worker 0 is the chief)."""
     self.cfg = cfg
-    self.model = ffn.models.build_model(cfg.model_name, cfg.model_args, seed=cfg.seed)
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.worker, self.num_workers = worker, num_workers
+    self.is_chief = worker == 0
+    self.local_replicas = max(1, self.strategy.num_replicas_in_sync // num_workers)
+    with self.strategy.scope():
+      self.model = ffn.models.build_model(cfg.model_name, cfg.model_args, seed=cfg.seed)
+      self.variables = list(self.model.trainable_variables)
+      self.optimizer = Optimizer(cfg.optimizer, self.variables, cfg.learning_rate, cfg.momentum,
+                                 cfg.adam_beta1, cfg.adam_beta2, cfg.epsilon, cfg.rmsprop_decay)
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+      self.examples_taken = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_taken")
     self.fov_zyx = xyz_to_zyx(self.model.fov_size)
-    self.variables = list(self.model.trainable_variables)
-    self.optimizer = Optimizer(cfg.optimizer, self.variables, cfg.learning_rate, cfg.momentum,
-                               cfg.adam_beta1, cfg.adam_beta2, cfg.epsilon, cfg.rmsprop_decay)
-    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    self.examples_taken = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_taken")
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                           step=self.step, examples_taken=self.examples_taken)
+    # Non-chief workers save too (saving may need every worker), into a scratch directory.
+    self._ckpt_dir = cfg.train_dir if self.is_chief else tempfile.mkdtemp(prefix=f"ffn-worker{worker}-")
     self.manager = tf.train.CheckpointManager(
-        self.checkpoint, cfg.train_dir, max_to_keep=cfg.max_to_keep,
+        self.checkpoint, self._ckpt_dir, max_to_keep=cfg.max_to_keep,
         keep_checkpoint_every_n_hours=cfg.keep_checkpoint_every_n_hours,
         checkpoint_name="model.ckpt")
     b = cfg.batch_size
-    spec_x = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (2,), tf.float32)
-    spec_y = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (1,), tf.float32)
-    self.train_step = tf.function(self._train_step, input_signature=[spec_x, spec_y])
+    if strategy is None:
+      spec_x = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (2,), tf.float32)
+      spec_y = tf.TensorSpec((b,) + tuple(self.fov_zyx) + (1,), tf.float32)
+      self.train_step = tf.function(self._train_step, input_signature=[spec_x, spec_y])
+    else:
+      self.train_step = tf.function(
+          lambda x, labels: self.strategy.run(self._train_step, args=(x, labels)))
+    self._agree_fn = tf.function(lambda flags: self.strategy.run(_all_sum, args=(flags,)))
     self.source: ExampleSource | None = None
     self._stream = None
-    self._slots: list[_Slot | None] = [None] * b
+    self._slots: list[_Slot | None] = [None] * (b * self.local_replicas)
     self._shifts_rng = np.random.default_rng([cfg.seed, 2])
     self._stop = self._save_now = False
 
@@ -117,12 +141,37 @@ class Trainer:
       logits = self.model(x, compute_dtype=tf.as_dtype(self.cfg.compute_dtype))
       loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
     grads = tape.gradient(loss, self.variables)
+    replica = tf.distribute.get_replica_context()
+    if replica.num_replicas_in_sync > 1:
+      grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
     clip = self.cfg.max_gradient_entry_mag
     if clip > 0:
       grads = [tf.clip_by_value(g, -clip, clip) for g in grads]
     self.optimizer.apply(grads, self.variables)
     self.step.assign_add(1)
     return logits, loss
+
+  def _run_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """One training step on this worker's batch; returns (logits as numpy, mean local loss)."""
+    if self.local_replicas == 1:
+      args = [tf.constant(x), tf.constant(labels)]
+    else:
+      first = self.worker * self.local_replicas
+      args = [self.strategy.experimental_distribute_values_from_function(
+          lambda ctx, parts=parts: tf.constant(parts[ctx.replica_id_in_sync_group - first]))
+              for parts in (np.split(x, self.local_replicas), np.split(labels, self.local_replicas))]
+    logits, loss = self.train_step(*args)
+    local = self.strategy.experimental_local_results
+    return (np.concatenate([v.numpy() for v in local(logits)]),
+            float(np.mean([float(v) for v in local(loss)])))
+
+  def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
+    """(stop, save), each true when any worker asks for it (all workers see the same answer)."""
+    if self.num_workers == 1:
+      return stop, save
+    flags = self._agree_fn(tf.constant([float(stop), float(save)], tf.float32))
+    flags = self.strategy.experimental_local_results(flags)[0].numpy()
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
   def loss_on(self, x: np.ndarray, labels: np.ndarray) -> float:
     """Mean sigmoid cross-entropy of the current model on a fixed batch (no update)."""
@@ -134,7 +183,8 @@ class Trainer:
 
   def attach_data(self, source: ExampleSource) -> None:
     self.source = source
-    self._stream = source.stream(int(self.examples_taken.numpy()))
+    self._stream = source.stream(int(self.examples_taken.numpy()), worker=self.worker,
+                                 num_workers=self.num_workers)
 
   def _new_slot(self) -> _Slot:
     image, labels = next(self._stream)
@@ -144,18 +194,23 @@ class Trainer:
       self._shifts_rng.shuffle(shifts)
     return _Slot(image.numpy(), labels.numpy(), shifts, self.cfg.seed_pad, self.cfg.threshold)
 
-  def next_batch(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(x [b,z,y,x,2], labels [b,z,y,x,1], seed views to write predictions into)."""
+  def next_batch(self, slots: list[_Slot | None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(x [b,z,y,x,2], labels [b,z,y,x,1], seed views to write predictions into).
+
+    ``slots``: the batch slots to advance (default: this trainer's own).
+    """
+    slots = self._slots if slots is None else slots
     xs, ys, views = [], [], []
-    for i in range(self.cfg.batch_size):
+    for i in range(len(slots)):
       while True:
-        slot = self._slots[i]
+        slot = slots[i]
         if slot is None:
-          slot = self._slots[i] = self._new_slot()
+          slot = slots[i] = self._new_slot()
         off = next(slot.offsets, None)
         if off is not None:
           break
-        self._slots[i] = None
+        slots[i] = None
       view = crop(slot.seed, off, self.fov_zyx)
       xs.append(np.stack([crop(slot.image, off, self.fov_zyx), view], axis=-1))
       ys.append(crop(slot.labels, off, self.fov_zyx)[..., None])
@@ -166,7 +221,7 @@ class Trainer:
 
   def restore_or_init(self) -> bool:
     """Restores the latest checkpoint in train_dir; returns True if one was found."""
-    latest = self.manager.latest_checkpoint
+    latest = tf.train.latest_checkpoint(self.cfg.train_dir)
     if latest is None:
       return False
     self.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -177,6 +232,11 @@ class Trainer:
     path = self.manager.save(checkpoint_number=int(self.step.numpy()))
     _log.info("saved %s", path)
     return path
+
+  def close(self) -> None:
+    """Removes a non-chief worker's scratch checkpoint directory."""
+    if not self.is_chief:
+      shutil.rmtree(self._ckpt_dir, ignore_errors=True)
 
   def write_flags(self) -> None:
     os.makedirs(self.cfg.train_dir, exist_ok=True)
@@ -197,7 +257,8 @@ class Trainer:
     """Trains to ``max_steps``; returns 0, or EXIT_PREEMPTED after a SIGTERM (checkpoint saved)."""
     cfg = self.cfg
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    writer = tf.summary.create_file_writer(cfg.train_dir)
+    writer = (tf.summary.create_file_writer(cfg.train_dir) if self.is_chief
+              else tf.summary.create_noop_writer())
     metrics = np.zeros(4, np.int64)  # tp, fp, fn, tn at the threshold, since the last summary
     losses: list[float] = []
     t_start = t_log = t_summary = t_ckpt = time.monotonic()
@@ -206,30 +267,34 @@ class Trainer:
     try:
       while int(self.step.numpy()) < cfg.max_steps:
         x, labels, views = self.next_batch()
-        logits, loss = self.train_step(tf.constant(x), tf.constant(labels))
-        pred = logits.numpy()[..., 0]
+        logits, loss = self._run_step(x, labels)
+        pred = logits[..., 0]
         for i, view in enumerate(views):
           view[...] = pred[i]
-        losses.append(float(loss))
+        losses.append(loss)
         metrics += _confusion(pred, labels[..., 0], logit(cfg.threshold))
         step = int(self.step.numpy())
         now = time.monotonic()
         if step % cfg.log_every == 0 or step == cfg.max_steps:
           rate = (step - last_log_step) / max(now - t_log, 1e-9)
           eta = (cfg.max_steps - step) / max((step - step0) / max(now - t_start, 1e-9), 1e-9)
-          _log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s", step, cfg.max_steps,
-                    float(np.mean(losses[-cfg.log_every:])), rate, format_eta(eta))
+          _log.info("step %d/%d loss %.4f  %.2f steps/s  ETA %s%s", step, cfg.max_steps,
+                    float(np.mean(losses[-cfg.log_every:])), rate, format_eta(eta),
+                    f"  worker {self.worker}/{self.num_workers} examples_taken "
+                    f"{int(self.examples_taken.numpy())}" if self.num_workers > 1 else "")
           t_log, last_log_step = now, step
         if now - t_summary >= cfg.summary_rate_secs or step == cfg.max_steps:
           with writer.as_default(step=step):
             _write_summaries(losses, metrics, (step - step0) / max(now - t_start, 1e-9), x, pred, labels)
           writer.flush()
           losses, metrics, t_summary = [], np.zeros(4, np.int64), now
-        if self._stop:
+        stop, save_now = self._agree(
+            self._stop, self._save_now or (self.is_chief and now - t_ckpt >= cfg.checkpoint_interval_s))
+        if stop:
           self.save()
           status = EXIT_PREEMPTED
           break
-        if self._save_now or now - t_ckpt >= cfg.checkpoint_interval_s:
+        if save_now:
           self.save()
           self._save_now, t_ckpt = False, now
       else:
@@ -239,6 +304,15 @@ class Trainer:
         signal.signal(s, h)
       writer.close()
     return status
+
+
+def _all_sum(flags: tf.Tensor) -> tf.Tensor:
+  """Element-wise sum of ``flags`` over all replicas (in replica context)."""
+  replica = tf.distribute.get_replica_context()
+  if replica.num_replicas_in_sync == 1:
+    return flags
+  # tf.identity places the function's input on the replica's device (all_reduce needs one).
+  return replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(flags))
 
 
 def _confusion(pred_logits: np.ndarray, labels: np.ndarray, threshold_logit: float) -> np.ndarray:

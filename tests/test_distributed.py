@@ -1,0 +1,171 @@
+"""Distributed training through the real local Slurm: 2-task sync, parameter-server async, requeue."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from ffn.training.distributed import async_cluster, port_base_for
+from slurm.executor import slurm_available
+
+SLURM = slurm_available()
+needs_slurm = pytest.mark.skipif(not SLURM and not os.environ.get("CI"),
+                                 reason="no Slurm controller answers (start scripts/start-local-slurm.sh)")
+
+
+@pytest.fixture(scope="module")
+def crop_data(fib25_dir, tmp_path_factory):
+  """A 48^3 crop of training_sample2 (raw + body labels) and 100 google-format coordinates."""
+  from ffn.data.coordinates import write_coordinates
+  root = tmp_path_factory.mktemp("distcrop")
+  with h5py.File(fib25_dir / "training_sample2.h5", "r") as f:
+    raw, stack = f["raw"][:48, :48, :48], f["stack"][:48, :48, :48]
+  with h5py.File(root / "crop.h5", "w") as f:
+    f["raw"], f["stack"] = raw, stack
+  centers = np.random.default_rng(0).integers(8, 40, size=(100, 3))
+  write_coordinates(str(root / "coords.tfr"), np.zeros(len(centers), np.int64), centers, ["s2"])
+  return root
+
+
+def _flags(root: Path, train_dir: Path, max_steps: int, *extra: str) -> list[str]:
+  return ["--train_coords", str(root / "coords.tfr"),
+          "--data_volumes", f"s2:{root / 'crop.h5'}:raw", "--label_volumes", f"s2:{root / 'crop.h5'}:stack",
+          "--model_name", "convstack_3d", "--model_args", '{"depth": 1, "fov_size": [9, 9, 9], "deltas": [2, 2, 2]}',
+          "--image_mean", "128", "--image_stddev", "33", "--train_dir", str(train_dir),
+          "--batch_size", "2", "--max_steps", str(max_steps), "--optimizer", "adam",
+          "--log_every", "10", "--checkpoint_interval_s", "1000", "--cluster", "slurm",
+          "--cpus_per_task", "1", "--mem_gb", "3", "--time", "10", *extra]
+
+
+def _slurm_train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, str(REPO_ROOT / "slurm_train.py")] + args, capture_output=True,
+                        text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def _job_id(stdout: str) -> str:
+  match = re.search(r"submitted slurm job (\d+)", stdout)
+  assert match, stdout
+  return match.group(1)
+
+
+def _task_logs(train_dir: Path, job_id: str) -> list[str]:
+  folder = train_dir / "logs" / job_id
+  return [(folder / f"{job_id}_{i}_log.out").read_text() + (folder / f"{job_id}_{i}_log.err").read_text()
+          for i in range(len(list(folder.glob(f"{job_id}_*_log.out"))))]
+
+
+def test_layout_helpers():
+  base = port_base_for("123456")
+  assert 20000 <= base < 40000 and base % 16 == 0 and base != port_base_for("123457")
+  assert port_base_for("77_3") == port_base_for("77")
+  cluster = async_cluster(["a:1", "a:2", "b:1", "b:2"], num_ps=1)
+  assert cluster == {"chief": ["a:1"], "ps": ["a:2"], "worker": ["b:1", "b:2"]}
+
+
+def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
+  proc = _slurm_train(_flags(crop_data, tmp_path / "run", 5, "--strategy", "async", "--num_ps", "1",
+                             "--tasks_per_node", "2"))
+  assert proc.returncode == 2, proc.stderr
+  assert "needs --num_ps >= 1 and at least num_ps + 2 tasks" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("ffn slurm_train: error: --strategy async")
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_sync_two_tasks(crop_data, tmp_path):
+  """MultiWorkerMirroredStrategy over 2 Slurm tasks; the checkpoint serves inference and `ffn train`."""
+  train_dir = tmp_path / "run"
+  proc = _slurm_train(_flags(crop_data, train_dir, 30, "--tasks_per_node", "2", "--wait",
+                             "--slurm_param", "overcommit"))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  job_id = _job_id(proc.stdout)
+  assert f"tail -f {train_dir}/logs/{job_id}/{job_id}_0_log.out" in proc.stdout
+  assert f"tensorboard --logdir {train_dir}" in proc.stdout
+  logs = _task_logs(train_dir, job_id)
+  assert len(logs) == 2
+  taken = []
+  for rank, log in enumerate(logs):
+    assert "2 replicas: batch 2 per replica, global batch 4" in log, log
+    done = re.search(rf"worker {rank}/2 done at step 30: (\d+) examples taken", log)
+    assert done, log
+    taken.append(int(done.group(1)))
+    assert f"worker {rank}/2 examples_taken" in log
+  # Both workers consumed examples (each at least its 2 slots), and only the chief wrote checkpoints.
+  assert min(taken) >= 2, taken
+  assert tf.train.latest_checkpoint(str(train_dir)).endswith("model.ckpt-30")
+  import ffn.models
+  loaded = ffn.models.load(str(train_dir))
+  reader = tf.train.load_checkpoint(str(train_dir / "model.ckpt-30"))
+  assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 30
+  assert loaded.model.fov_size == (9, 9, 9) or list(loaded.model.fov_size) == [9, 9, 9]
+  # A single-process `ffn train` resumes from the distributed checkpoint.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  train = subprocess.run([sys.executable, str(REPO_ROOT / "train.py")]
+                         + _flags(crop_data, train_dir, 35)[:-10], capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=120)
+  assert train.returncode == 0, train.stderr
+  assert "resumed from" in train.stderr and "at step 30" in train.stderr
+  assert tf.train.latest_checkpoint(str(train_dir)).endswith("model.ckpt-35")
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_async_parameter_server(crop_data, tmp_path):
+  """Coordinator + 1 parameter server + 2 workers (4 tasks, overcommitted on this node)."""
+  train_dir = tmp_path / "run"
+  proc = _slurm_train(_flags(crop_data, train_dir, 40, "--tasks_per_node", "4", "--strategy", "async",
+                             "--num_ps", "1", "--wait", "--slurm_param", "overcommit"))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  logs = _task_logs(train_dir, _job_id(proc.stdout))
+  assert len(logs) == 4
+  assert "coordinator done: step 40" in logs[0], logs[0]
+  assert "ps 0 serving" in logs[1]
+  assert "worker 0 serving" in logs[2] and "worker 1 serving" in logs[3]
+  assert "2 replicas: batch 2 per replica, global batch 4" in logs[0]
+  assert tf.train.latest_checkpoint(str(train_dir)).endswith("model.ckpt-40")
+  import ffn.models
+  ffn.models.load(str(train_dir))
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_preemption_requeues_and_resumes(crop_data, tmp_path):
+  """USR2 (submitit's preemption signal) -> checkpoint saved, job requeued, step continues."""
+  import submitit
+  train_dir = tmp_path / "run"
+  proc = _slurm_train(_flags(crop_data, train_dir, 100_000, "--log_every", "5"))
+  assert proc.returncode == 0, proc.stderr
+  job_id = _job_id(proc.stdout)
+  job = submitit.SlurmJob(folder=train_dir / "logs" / job_id, job_id=job_id)
+  log = Path(job.paths.stdout)
+  deadline = time.monotonic() + 150
+  try:
+    while not (log.exists() and re.search(r"step (\d+)/", log.read_text())):
+      assert time.monotonic() < deadline, "training never started"
+      time.sleep(1)
+    job._interrupt(timeout=False)  # scancel --signal USR2: what Slurm sends before preempting
+    while "resumed from" not in (log.read_text() if log.exists() else ""):
+      assert time.monotonic() < deadline, (log.read_text() if log.exists() else "no log")
+      time.sleep(1)
+    while not re.search(r"resumed from .* at step \d+[\s\S]*step \d+/", log.read_text()):
+      assert time.monotonic() < deadline, log.read_text()
+      time.sleep(1)
+  finally:
+    subprocess.run(["scancel", job_id], check=False)
+  text = log.read_text()
+  saved = [int(s) for s in re.findall(r"saved \S+model\.ckpt-(\d+)", text)]
+  resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+  assert saved and resumed == saved[0] > 0, text
+  later = [int(s) for s in re.findall(r"step (\d+)/100000", text.split("resumed from", 1)[1])]
+  assert later and min(later) > resumed, text
