@@ -98,3 +98,14 @@ def test_cli_bad_groundtruth_exits_2(tmp_path):
                         cwd=REPO_ROOT, capture_output=True, text=True)
   assert proc.returncode == 2
   assert "missing.h5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_adapted_rand_error_hand_computed():
+  gt = np.array([1, 1, 1, 1, 2, 2]).reshape(1, 1, 6)
+  seg = np.array([1, 1, 2, 2, 2, 2]).reshape(1, 1, 6)
+  s = evaluate(seg, gt)
+  overlap = 2**2 + 2**2 + 2**2  # n_ij: (1,1)=2, (2,1)=2, (2,2)=2
+  p = overlap / (2**2 + 4**2)
+  r = overlap / (4**2 + 2**2)
+  assert s["adapted_rand_error"] == pytest.approx(1 - 2 * p * r / (p + r))
+  assert evaluate(gt, gt)["adapted_rand_error"] == pytest.approx(0.0, abs=1e-12)

@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
 def format_table(scores: dict) -> str:
   rows = [("VI split (nats)", f"{scores['vi_split']:.4f}"),
           ("VI merge (nats)", f"{scores['vi_merge']:.4f}"),
-          ("adjusted Rand error", f"{scores['adjusted_rand_error']:.4f}"),
-          ("segments", str(scores["segments"])),
+          ("adjusted Rand error (1-ARI)", f"{scores['adjusted_rand_error']:.4f}"),
+          ("adapted Rand error (1-F)", f"{scores['adapted_rand_error']:.4f}"),
+          ("segments (ids > 0)", str(scores["segments"])),
           ("ground-truth objects", str(scores["groundtruth_objects"])),
           ("unsegmented", f"{100 * scores['fraction_unsegmented']:.1f}%")]
   width = max(len(r[0]) for r in rows)
