@@ -7,6 +7,8 @@ in tests/test_inference_model.py.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -170,3 +172,49 @@ def test_invert_origins_policy(tmp_path):
   coords = pol.init_coords()
   expected = [canvas.origins[i].start_zyx for i in sorted(canvas.origins, reverse=True)]
   np.testing.assert_array_equal(coords, np.array(expected))
+
+
+def _runner(tmp_path, extra=""):
+  import h5py
+  from ffn.inference.request import parse_request
+  from ffn.inference.runner import Runner
+  raw = ((blobs_image() + 1) * 100).astype(np.uint8)  # 0 background, 200 inside blobs
+  with h5py.File(tmp_path / "img.h5", "w") as f:
+    f["raw"] = raw
+  text = f"""
+  image {{ hdf5: "{tmp_path}/img.h5:raw" }} image_mean: 100 image_stddev: 100
+  model_checkpoint_path: "unused" segmentation_output_dir: "{tmp_path}/out"
+  seed_policy: "PolicyGrid3d" seed_policy_args: "{{\\"step\\": 4, \\"offsets\\": [2]}}"
+  inference_options {{ init_activation: 0.95 pad_value: 0.05 move_threshold: 0.9
+    segment_threshold: 0.6 min_segment_size: 10 min_boundary_dist {{ x: 1 y: 1 z: 1 }} }}
+  {extra}"""
+  return Runner(parse_request(text), predict=oracle, fov_size_xyz=FOV, deltas_xyz=DELTAS)
+
+
+def test_runner_saves_result_and_never_overwrites(tmp_path):
+  runner = _runner(tmp_path)
+  path = runner.run()
+  seg, origins = storage.load_segmentation_file(path)
+  assert len(origins) == 2 and seg.shape == (30, 30, 30)
+  mtime = os.stat(path).st_mtime_ns
+  assert _runner(tmp_path).run() == path
+  assert os.stat(path).st_mtime_ns == mtime
+
+
+def test_runner_image_mask_on_raw_values(tmp_path):
+  # Mask raw values >= 150 (the blobs): nothing may be segmented.
+  runner = _runner(tmp_path, "masks { image { channels { channel: 0 min_value: 150 max_value: 255 } } }")
+  seg, origins = storage.load_segmentation_file(runner.run())
+  assert not origins and not seg.any()
+
+
+def test_runner_seed_mask_blocks_one_blob(tmp_path):
+  import h5py
+  mask = np.zeros((30, 30, 30), np.uint8)
+  mask[:, :15, :15] = 1
+  with h5py.File(tmp_path / "mask.h5", "w") as f:
+    f["m"] = mask
+  runner = _runner(tmp_path, f'seed_masks {{ volume {{ mask {{ hdf5: "{tmp_path}/mask.h5:m" }} '
+                             'channels { channel: 0 values: 1 } } }')
+  _, origins = storage.load_segmentation_file(runner.run())
+  assert len(origins) == 1

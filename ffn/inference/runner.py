@@ -149,7 +149,10 @@ class Runner:
       except (OSError, ValueError, KeyError) as e:
         raise FFNError(f"{cpoint}: unreadable inference checkpoint ({e}); delete it to start over") from None
     start = time.time()
-    canvas.segment_all(self.seed_policy, partial_segment_iters=partial)
+    if canvas.restrictor_mask is not None and np.all(canvas.restrictor_mask):
+      _log.info("everything in %s is masked: saving an empty result", box)  # google saves nothing
+    else:
+      canvas.segment_all(self.seed_policy, partial_segment_iters=partial)
     _log.info("segmented %s in %.1f s", box, time.time() - start)
     self.save(canvas, seg_path, prob_path)
     if os.path.exists(cpoint):
