@@ -264,7 +264,7 @@ class AsyncTrainer:
     import signal
     import numpy as np
     import tensorflow as tf
-    from ffn.training.trainer import EXIT_PREEMPTED
+    from ffn.training.trainer import EXIT_PREEMPTED, _scalar
     trainer, cfg = self.trainer, self.trainer.cfg
     handlers = {s: signal.signal(s, trainer._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     writer = tf.summary.create_file_writer(cfg.train_dir)
@@ -297,8 +297,8 @@ class AsyncTrainer:
           _log.info("step %d/%d loss %.4f  %.2f steps/s (%d workers)", finished, cfg.max_steps,
                     float(np.mean(losses)), rate, self.num_workers)
           with writer.as_default(step=finished):
-            tf.summary.scalar("pixel_loss", float(np.mean(losses)))
-            tf.summary.scalar("steps_per_second", rate)
+            _scalar("pixel_loss", float(np.mean(losses)))
+            _scalar("steps_per_second", rate)
           writer.flush()
           losses, t_log = [], now
         if trainer._stop and all(f is None for f in in_flight):
