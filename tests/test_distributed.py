@@ -90,7 +90,7 @@ def test_sync_two_tasks(crop_data, tmp_path):
                              "--slurm_param", "overcommit"))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   job_id = _job_id(proc.stdout)
-  assert f"tail -f {train_dir}/logs/{job_id}/{job_id}_0_log.out" in proc.stdout
+  assert f"tail -f {train_dir}/logs/{job_id}/{job_id}_0_log.err" in proc.stdout
   assert f"tensorboard --logdir {train_dir}" in proc.stdout
   logs = _task_logs(train_dir, job_id)
   assert len(logs) == 2
@@ -150,13 +150,19 @@ def test_preemption_requeues_and_resumes(crop_data, tmp_path):
   assert proc.returncode == 0, proc.stderr
   job_id = _job_id(proc.stdout)
   job = submitit.SlurmJob(folder=train_dir / "logs" / job_id, job_id=job_id)
-  log = Path(job.paths.stdout)
+  log = Path(job.paths.stderr)
   deadline = time.monotonic() + 150
   try:
     while not (log.exists() and re.search(r"step (\d+)/", log.read_text())):
       assert time.monotonic() < deadline, "training never started"
       time.sleep(1)
     job._interrupt(timeout=False)  # scancel --signal USR2: what Slurm sends before preempting
+    while "Requeued job" not in log.read_text():
+      assert time.monotonic() < deadline, log.read_text()
+      time.sleep(0.5)
+    # Slurm holds a requeued job back ~2 minutes (BeginTime); let it start now.
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
     while "resumed from" not in (log.read_text() if log.exists() else ""):
       assert time.monotonic() < deadline, (log.read_text() if log.exists() else "no log")
       time.sleep(1)

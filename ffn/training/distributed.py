@@ -102,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
                                  args.scale_lr_with_replicas, args.port_base)
   job = executor.submit(training)
   print(f"submitted {executor.cluster} job {job.job_id}: {tasks} task(s), --strategy {args.strategy}")
-  print(f"  log of task 0:     {job.paths.stdout}")
-  print(f"  logs of all tasks: {str(job.paths.stdout).replace('_0_log.out', '_*_log.out')}")
+  print(f"  log of task 0:     {job.paths.stderr} (stdout: {job.paths.stdout})")
+  print(f"  logs of all tasks: {str(job.paths.stderr).replace('_0_log.err', '_*_log.err')}")
   print(f"  checkpoints:       {cfg.train_dir}")
-  print(f"  follow progress:   tail -f {job.paths.stdout}")
+  print(f"  follow progress:   tail -f {job.paths.stderr}")
   print(f"                     tensorboard --logdir {cfg.train_dir}")
   sys.stdout.flush()
   if not args.wait:
