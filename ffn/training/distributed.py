@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
     executor.update_parameters(slurm_signal_delay_s=90)
   training = DistributedTraining(dataclasses.asdict(cfg), args.strategy, args.num_ps,
                                  args.scale_lr_with_replicas, args.port_base)
-  job = executor.submit(training)
+  try:
+    job = executor.submit(training)
+  except submitit.core.utils.FailedJobError as e:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    raise FFNError(f"the cluster refused the job: {lines[-1] if lines else e}") from e
   print(f"submitted {executor.cluster} job {job.job_id}: {tasks} task(s), --strategy {args.strategy}")
   print(f"  log of task 0:     {job.paths.stderr} (stdout: {job.paths.stdout})")
   print(f"  logs of all tasks: {str(job.paths.stderr).replace('_0_log.err', '_*_log.err')}")
