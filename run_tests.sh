@@ -10,28 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "run_tests: installing python3-venv"
-      apt-get -o DPkg::Lock::Timeout=600 update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv >/dev/null
-    else
-      echo "run_tests: $PYTHON has no working venv module; install python3-venv (as root: apt-get install python3-venv)" >&2
-      exit 1
-    fi
-  fi
-  echo "run_tests: creating .venv"
-  "$PYTHON" -m venv .venv
-fi
-
-echo "run_tests: installing the package and test dependencies into .venv"
-if ! .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[test]' >.venv/pip-install.log 2>&1; then
-  tail -n 40 .venv/pip-install.log >&2
-  echo "run_tests: pip install failed (full log: .venv/pip-install.log)" >&2
-  exit 1
-fi
+scripts/setup-venv.sh test
 
 slurm_answers() { command -v sinfo >/dev/null && timeout 15 sinfo --noheader >/dev/null 2>&1; }
 if slurm_answers; then
