@@ -68,8 +68,11 @@ def _child(task: str, workdir: str) -> dict:
       records = google_reference.sample_coordinates_reference([part], MARGIN_ZYX, SEED)
       google_reference.write_coordinates_reference(path, records, ["training_sample2"])
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    sha = hashlib.sha256()  # of the uncompressed record stream, read in pieces (adds no memory)
     with gzip.open(path) as f:
-      digest = hashlib.sha256(f.read()).hexdigest()  # the uncompressed record stream
+      for piece in iter(lambda: f.read(1 << 24), b""):
+        sha.update(piece)
+    digest = sha.hexdigest()
     os.remove(path)
   return {"task": task, "wall_s": elapsed, "cpu_s": cpu, "digest": digest,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
