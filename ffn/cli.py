@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.print_help()
     return 0
   name = _canonical(argv[0])
+  # TensorFlow's C++ INFO/WARNING banners (oneDNN, CPU features) drown the progress lines.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   module = importlib.import_module(COMMANDS[name][0])
   parser = argparse.ArgumentParser(prog=f"ffn {name}", description=COMMANDS[name][1])
   module.add_arguments(parser)
