@@ -84,7 +84,7 @@ def _compact_labels(labels: np.ndarray, min_size: int,
     ids, inverse, sizes = np.unique(flat, return_inverse=True, return_counts=True)
   keep = (sizes >= min_size) & (ids != 0) & (sizes > 0)
   if whitelist is not None:
-    keep &= np.isin(ids, np.asarray(list(whitelist), dtype=ids.dtype))
+    keep &= np.isin(ids, np.asarray(list(whitelist), dtype=np.int64))
   lut = np.zeros(ids.size, dtype=np.int32)
   lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
   return lut[inverse].reshape(labels.shape), int(keep.sum())
