@@ -114,3 +114,12 @@ def test_multipage_tiff(tmp_path):
 def test_check_dtype_message():
   with pytest.raises(FFNError, match="x.h5:raw: dtype float32 is not allowed here \\(expected unsigned"):
     volumes.check_dtype("x.h5:raw", np.dtype(np.float32), "u")
+
+
+def test_atomic_writes_get_umask_permissions(tmp_path):
+  old = os.umask(0o022)
+  try:
+    volumes.write_h5(str(tmp_path / "v.h5"), "raw", np.zeros((2, 2, 2), np.uint8))
+  finally:
+    os.umask(old)
+  assert (tmp_path / "v.h5").stat().st_mode & 0o777 == 0o644

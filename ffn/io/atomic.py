@@ -27,6 +27,12 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
   return parent
 
 
+def _current_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
   """Yields a temporary path beside ``path``; on success renames it onto ``path``.
@@ -40,6 +46,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
   tmp = Path(tmp_name)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
     os.replace(tmp, target)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
