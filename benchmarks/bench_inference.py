@@ -1,6 +1,6 @@
 """FFN inference on the FIB-25 100^3 test box: time, network evaluations and scores, fp32 vs bfloat16.
 
-  .venv/bin/python benchmarks/bench_inference.py [--data /work/shared/data/fib25] [--size 100]
+  .venv/bin/python benchmarks/bench_inference.py [--data ../shared/data/fib25] [--size 100]
       [--dtypes float32,bfloat16] [--output_json out.json]
 
 Box: training_sample2 at start (75,75,75) x,y,z with google/ffn's fib25 request (PolicyPeaks,
@@ -22,6 +22,7 @@ import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def bench(data: str, size: int, dtype: str) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="/work/shared/data/fib25")
+  parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fib25"))
   parser.add_argument("--size", type=int, default=100)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--output_json", default=None)
