@@ -12,6 +12,10 @@
 #
 # Settings (environment):
 #   LOCAL_SLURM_PARTITION  name of the partition (default: debug)
+#   LOCAL_SLURM_CPUS       CPUs the node offers (default: nproc, at least 4). More CPUs than the machine
+#                          has oversubscribe its cores (SlurmdParameters=config_overrides), so that
+#                          multi-task jobs (e.g. a parameter-server layout of 4 tasks) fit on a
+#                          2-core test machine
 #   LOCAL_SLURM_GPUS       number of fake gres/gpu devices on the node (default: 0), to try
 #                          --gpus_per_node requests on a machine without GPUs
 #   LOCAL_SLURM_LOG        where apt and daemon start-up output goes (default: /var/log/slurm/local-setup.log)
@@ -71,7 +75,9 @@ if ! installed; then
 fi
 
 HOST=$(hostname -s)
-CPUS=$(nproc)
+REAL_CPUS=$(nproc)
+CPUS=${LOCAL_SLURM_CPUS:-$(( REAL_CPUS > 4 ? REAL_CPUS : 4 ))}
+[[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || die "LOCAL_SLURM_CPUS must be a positive integer, got '$CPUS'"
 MEM_MB=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.85)}' /proc/meminfo)
 # slurmd must be able to resolve its own node name.
 getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >>/etc/hosts
@@ -128,6 +134,7 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 ReturnToService=2
 KillWait=5
+$([ "$CPUS" -gt "$REAL_CPUS" ] && echo "SlurmdParameters=config_overrides")
 $([ "$FAKE_GPUS" -gt 0 ] && echo "GresTypes=gpu")
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Features=localnode $GRES_LINE State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
