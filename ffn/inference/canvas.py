@@ -33,6 +33,7 @@ from ffn.inference import storage
 from ffn.inference.counters import Counters, timer_counter
 from ffn.inference.movement import FaceMaxMovementPolicy
 from ffn.inference.seed import BaseSeedPolicy
+from ffn.progress import Progress
 
 _log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -201,10 +202,16 @@ class Canvas:
       self.seed_policy.set_state(self._seed_policy_state)
       self._seed_policy_state = None
     mbd = self.min_boundary_dist
+    progress: Progress | None = None  # over candidate seeds: the policy knows them after next()
     with timer_counter(self.counters, "segment_all"):
       while True:
         with timer_counter(self.counters, "seed-policy"):
           pos = next(self.seed_policy, None)
+        if progress is None and self.seed_policy.coords is not None:
+          progress = Progress(len(self.seed_policy.coords), "inference seeds", unit="seed",
+                              log_every_s=30.0)
+        if progress is not None:
+          progress.update(self.seed_policy.idx - progress.count)
         if pos is None:
           break
         if not (self.is_valid_pos(pos, ignore_move_threshold=True) and not self._restricted(pos)
@@ -226,6 +233,8 @@ class Canvas:
         self._in_flight = False
         self._finish_object(pos, num_iters, t_seg)
         self.maybe_save_checkpoint(partial_segment_iters=0)
+    if progress is not None:
+      progress.close()
     _log.info("segmentation done: %d objects", len(self.origins))
 
   def _finish_object(self, pos: tuple, num_iters: int, t_seg: float) -> None:
