@@ -42,8 +42,19 @@ def test_preview_with_image(tmp_path):
   out = tmp_path / "p.png"
   assert main(["export", "--segmentation", path, "--preview", str(out), "--image", f"{img}:raw"]) == 0
   rgb = np.asarray(Image.open(out))
-  # xy (6x8), xz (4x8), yz (4x6) tiles side by side with 4-pixel gaps
-  assert rgb.shape == (6, 8 + 4 + 8 + 4 + 6, 3)
+  # xy (6x8), xz (4x8), yz (4x6) tiles side by side with 4-pixel gaps, enlarged by the smallest
+  # integer factor that makes the mosaic at least 900 pixels wide (30 -> x30)
+  assert rgb.shape == (6 * 30, (8 + 4 + 8 + 4 + 6) * 30, 3)
+
+
+def test_preview_draws_object_boundaries_in_full_colour():
+  labels = np.zeros((3, 4, 4), np.int64)
+  labels[:, :2, :] = 5  # object 5 fills the upper half of every xy slice
+  tile = ortho_preview(np.zeros((3, 4, 4)), labels, min_width=1)
+  color = label_colors(np.array([5]))[0]
+  np.testing.assert_array_equal(tile[1, 0], color)  # last row of the object: its boundary
+  assert not np.array_equal(tile[0, 0], color)  # interior: tinted, not full colour
+  assert np.all(tile[3, 0] == 0)  # background over a black image stays black
 
 
 def test_colors_distinct_and_background_grey():

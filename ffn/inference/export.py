@@ -45,8 +45,22 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
   return rgb
 
 
-def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-  """RGB uint8 mosaic [xy | xz | yz] of the centre slices; labels over a grey image (z,y,x)."""
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+  """True where a pixel's label differs from its right or lower neighbour (2D)."""
+  edge = np.zeros(labels.shape, bool)
+  edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+  edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+  return edge
+
+
+def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0.4,
+                  min_width: int = 900) -> np.ndarray:
+  """RGB uint8 mosaic [xy | xz | yz] of the centre slices of z,y,x arrays.
+
+  Objects are tinted in their colour over the grey image, with their boundaries drawn in full
+  colour; the mosaic is enlarged by an integer factor (nearest neighbour) to at least
+  ``min_width`` pixels so that small subvolumes can be seen.
+  """
   center = [s // 2 for s in labels.shape]
   cuts_l = [labels[center[0]], labels[:, center[1], :], labels[:, :, center[2]]]
   if image is None:
@@ -55,14 +69,20 @@ def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
     norm = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     cuts_i = [norm[center[0]], norm[:, center[1], :], norm[:, :, center[2]]]
+  width = sum(c.shape[1] for c in cuts_l) + 8
+  scale = max(1, -(-min_width // max(width, 1)))
   tiles = []
   for img, lab in zip(cuts_i, cuts_l):
+    img = np.kron(img, np.ones((scale, scale), np.float32))
+    lab = np.kron(lab, np.ones((scale, scale), lab.dtype))
     grey = np.repeat(img[..., None], 3, axis=-1)
     color = label_colors(lab).astype(np.float32)
     on = (lab != 0)[..., None]
-    tiles.append(np.where(on, (1 - alpha) * grey + alpha * color, grey).astype(np.uint8))
+    tile = np.where(on, (1 - alpha) * grey + alpha * color, grey)
+    edge = (_boundaries(lab) & (lab != 0))[..., None]
+    tiles.append(np.where(edge, color, tile).astype(np.uint8))
   height = max(t.shape[0] for t in tiles)
-  gap = np.full((height, 4, 3), 255, np.uint8)
+  gap = np.full((height, 4 * scale, 3), 255, np.uint8)
   padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
   return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)
 
