@@ -89,3 +89,14 @@ def test_malformed_box(setup, capsys):
 def test_missing_request_file(setup, capsys):
   code, err = run(capsys, str(setup["dir"] / "none.pbtxt"))
   assert code == 2 and "none.pbtxt: inference request file not found" in err
+
+
+def test_unimplemented_request_fields_are_named():
+  from ffn.inference.request import parse_request
+  from ffn.inference.runner import ignored_request_fields
+  request = parse_request('image { hdf5: "a.h5:raw" } batch_size: 4 reference_histogram: "h.npy" '
+                          'inference_options { consistency_threshold: 0.5 } '
+                          'alignment_options { type: NO_ALIGNMENT }')
+  assert ignored_request_fields(request) == ["reference_histogram",
+                                             "inference_options.consistency_threshold", "batch_size"]
+  assert ignored_request_fields(parse_request('image { hdf5: "a.h5:raw" }')) == []

@@ -56,6 +56,27 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
     raise FFNError(f"inference request: movement_policy_name {request.movement_policy_name!r} is not "
                    "supported (only FaceMaxMovementPolicy)")
   make_policy(request.seed_policy, request.seed_policy_args)
+  ignored = ignored_request_fields(request)
+  if ignored:
+    _log.warning("inference request: these fields are set but not implemented, and are ignored: %s",
+                 ", ".join(ignored))
+
+
+def ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
+  """Names of fields google/ffn would act on that this runner does not implement (yet)."""
+  ignored = [name for name in ("reference_histogram", "shift_mask", "self_prediction",
+                               "init_segmentation") if request.HasField(name)]
+  if request.histogram_masks:
+    ignored.append("histogram_masks")
+  if request.HasField("alignment_options") and request.alignment_options.type not in (
+      inference_pb2.AlignmentOptions.NO_ALIGNMENT, inference_pb2.AlignmentOptions.UNKNOWN_ALIGNMENT):
+    ignored.append("alignment_options")
+  if request.inference_options.HasField("consistency_threshold"):
+    ignored.append("inference_options.consistency_threshold")
+  for name in ("batch_size", "concurrent_requests"):  # google's executor settings; one canvas here
+    if getattr(request, name) > 1:
+      ignored.append(name)
+  return ignored
 
 
 class Runner:
