@@ -35,7 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "train an FFN as a Slurm job: synchronous or parameter-server, requeued on preemption"),
     "run_inference": ("ffn.inference.cli", "segment a volume with a trained FFN (InferenceRequest pbtxt)"),
     "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted Rand error and object counts vs ground truth"),
-    "export": ("ffn.inference.export", "export a segmentation to HDF5 / TIFF / PNG, preview PNG"),
+    "export": ("ffn.inference.export",
+               "export a segmentation to HDF5 / TIFF / PNG / Neuroglancer precomputed, preview PNG"),
+    "serve": ("ffn.inference.serve", "serve a folder over HTTP with CORS headers (for Neuroglancer)"),
     "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
 }
 

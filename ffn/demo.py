@@ -5,8 +5,9 @@
    (Slurm when a controller answers, else a local subprocess -- ``--cluster``);
 3. score the result against the body ground truth (``ffn evaluate``) next to google/ffn's own
    figures for the same box;
-4. export the segmentation to HDF5 and write a PNG preview of orthogonal slices with the
-   segmentation overlaid on the image (``ffn export``).
+4. export the segmentation to HDF5 and to a Neuroglancer precomputed folder (view it with
+   ``ffn serve``), and write a PNG preview of orthogonal slices with the segmentation overlaid on
+   the image (``ffn export``).
 
 Every step resumes: finished outputs are kept, an interrupted inference continues from its
 checkpoint. All paths printed at the end.
@@ -114,15 +115,18 @@ def run(args: argparse.Namespace) -> int:
 
   print("[4/4] exporting HDF5 and the preview ...", flush=True)
   preview, seg_h5 = out / "preview.png", f"{out / 'segmentation.h5'}:seg"
+  viewer = out / "neuroglancer"
   if _cli(["export", "--segmentation", seg_file, "--format", "h5", "--output", seg_h5,
-           "--image", f"{REPO_SAMPLE}:raw", "--preview", str(preview)]) != 0:
+           "--image", f"{REPO_SAMPLE}:raw", "--preview", str(preview)]) != 0 or \
+      _cli(["export", "--segmentation", seg_file, "--format", "precomputed", "--output", str(viewer),
+            "--image", f"{REPO_SAMPLE}:raw"]) != 0:
     raise FFNError("export failed")
 
   print("\ndemo outputs:")
   for name, path in [("image stats", prepared.stats_json), ("partitions", prepared.partitions),
                      ("coordinates", prepared.coordinates), ("request", request_path),
                      ("segmentation", seg_file), ("as HDF5", seg_h5), ("scores", scores_path),
-                     ("preview", preview),
+                     ("preview", preview), ("neuroglancer", viewer),
                      ("job logs", executor.log_root)]:
     print(f"  {name:13s} {path}")
   return 0

@@ -15,9 +15,12 @@ def test_demo_end_to_end_small_box(tmp_path, capsys):
   printed = capsys.readouterr().out
   seg = out / "segmentation" / "45" / "45" / "seg-45_45_45.npz"
   for path in (out / "prepare" / "partitions.h5", out / "prepare" / "coordinates.tfrecord.gz",
+               out / "neuroglancer",
                out / "request.pbtxt", seg, out / "segmentation.h5", out / "preview.png"):
     assert path.exists(), path
     assert str(path) in printed
+  assert (out / "neuroglancer" / "segmentation" / "info").exists()
+  assert (out / "neuroglancer" / "image" / "info").exists()
   scores = json.loads((out / "scores.json").read_text())
   assert scores["voxels"] == 60 ** 3
   assert 0 < scores["segments"] < 60 and 0 <= scores["fraction_unsegmented"] < 0.8

@@ -63,3 +63,55 @@ def test_colors_distinct_and_background_grey():
   assert len({tuple(c) for c in colors[1:]}) == 3
   tile = ortho_preview(np.full((3, 3, 3), 7.0), np.zeros((3, 3, 3), np.int64))
   assert np.all(tile[:, :3, 0] == tile[:, :3, 1])  # unlabelled: grey
+
+
+def _read_precomputed(layer_dir):
+  """Reassembles a raw-encoded precomputed layer into a z,y,x array (test-side reader)."""
+  import json
+  info = json.loads((layer_dir / "info").read_text())
+  scale = info["scales"][0]
+  sx, sy, sz = scale["size"]
+  dtype = np.dtype(info["data_type"]).newbyteorder("<")
+  out = np.zeros((sz, sy, sx), dtype)
+  for chunk in (layer_dir / scale["key"]).iterdir():
+    (x0, x1), (y0, y1), (z0, z1) = [map(int, r.split("-")) for r in chunk.name.split("_")]
+    out[z0:z1, y0:y1, x0:x1] = np.frombuffer(chunk.read_bytes(), dtype).reshape(z1 - z0, y1 - y0, x1 - x0)
+  return info, out
+
+
+def test_precomputed_export_round_trip(tmp_path, capsys):
+  labels = np.random.default_rng(0).integers(0, 2**40, (70, 5, 66), dtype=np.int64)  # > one chunk
+  image = np.random.default_rng(1).integers(0, 255, (70, 5, 66), dtype=np.uint8)
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["seg"] = labels
+    f["raw"] = image
+  out = tmp_path / "view"
+  assert main(["export", "--segmentation", f"{tmp_path}/v.h5:seg", "--format", "precomputed",
+               "--output", str(out), "--image", f"{tmp_path}/v.h5:raw", "--resolution", "8,8,30"]) == 0
+  info, seg = _read_precomputed(out / "segmentation")
+  assert info["type"] == "segmentation" and info["data_type"] == "uint64"
+  assert info["scales"][0]["size"] == [66, 5, 70] and info["scales"][0]["resolution"] == [8, 8, 30]
+  np.testing.assert_array_equal(seg, labels)
+  info, img = _read_precomputed(out / "image")
+  assert info["type"] == "image" and info["data_type"] == "uint8"
+  np.testing.assert_array_equal(img, image)
+  assert "precomputed://http://localhost:8000/segmentation" in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["v.h5", "view"]  # no temporary folders left
+
+
+def test_serve_sends_cors_header(tmp_path):
+  import functools
+  import http.server
+  import threading
+  import urllib.request
+  from ffn.inference.serve import CORSRequestHandler
+  (tmp_path / "info").write_text("{}")
+  handler = functools.partial(CORSRequestHandler, directory=str(tmp_path))
+  with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+      with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/info", timeout=10) as r:
+        assert r.headers["Access-Control-Allow-Origin"] == "*" and r.read() == b"{}"
+    finally:
+      server.shutdown()

@@ -27,9 +27,12 @@ _log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--segmentation", required=True, help="result .npz or file.h5:dataset")
-  parser.add_argument("--format", choices=("h5", "tiff", "png"), default=None,
+  parser.add_argument("--format", choices=("h5", "tiff", "png", "precomputed"), default=None,
                       help="h5: --output file.h5:dataset (int64); tiff: one multi-page .tif; "
-                           "png: a directory of 16-bit slices")
+                           "png: a directory of 16-bit slices; precomputed: a Neuroglancer "
+                           "precomputed folder (layers 'segmentation' and, with --image, 'image')")
+  parser.add_argument("--resolution", default="10,10,10",
+                      help="voxel size in nm, x,y,z, for --format precomputed (default: FIB-25's)")
   parser.add_argument("--output", default=None, help="destination (see --format)")
   parser.add_argument("--preview", default=None, help="write an orthogonal-slice preview PNG here")
   parser.add_argument("--image", default=None, help="image file.h5:dataset for the preview")
@@ -105,6 +108,51 @@ def write_png_stack(labels: np.ndarray, directory: str) -> None:
       Image.fromarray((plane % 65536).astype(np.uint16)).save(tmp, format="PNG")
 
 
+def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: str,
+                            voxel_offset_xyz, resolution_nm_xyz, chunk: int = 64) -> None:
+  """Writes a z,y,x array as one Neuroglancer *precomputed* layer (raw encoding, one scale).
+
+  ``directory/info`` describes the volume; each chunk is a file ``x0-x1_y0-y1_z0-z1`` under the
+  scale key, holding little-endian voxels with x varying fastest (i.e. C order of z,y,x). The folder
+  is built under a temporary name and renamed, so a reader never sees half a layer.
+  """
+  import json
+  import shutil
+  import tempfile
+  if layer_type == "segmentation":
+    data = volume_zyx.astype("<u8")
+  else:
+    data = volume_zyx.astype("<u1") if volume_zyx.dtype == np.uint8 else volume_zyx.astype("<f4")
+  size_xyz = [int(v) for v in zyx_to_xyz(data.shape)]
+  key = "_".join(str(int(r)) for r in resolution_nm_xyz)
+  info = {"@type": "neuroglancer_multiscale_volume", "type": layer_type,
+          "data_type": {"u8": "uint64", "u1": "uint8", "f4": "float32"}[data.dtype.str[1:]],
+          "num_channels": 1,
+          "scales": [{"key": key, "size": size_xyz, "resolution": [float(r) for r in resolution_nm_xyz],
+                      "voxel_offset": [int(v) for v in voxel_offset_xyz],
+                      "chunk_sizes": [[chunk, chunk, chunk]], "encoding": "raw"}]}
+  parent = check_writable_dir(os.path.join(directory, "x"))
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent.parent)
+  try:
+    with open(os.path.join(tmp, "info"), "w") as f:
+      json.dump(info, f, indent=1)
+    os.mkdir(os.path.join(tmp, key))
+    nz, ny, nx = data.shape
+    for z0 in range(0, nz, chunk):
+      for y0 in range(0, ny, chunk):
+        for x0 in range(0, nx, chunk):
+          z1, y1, x1 = min(z0 + chunk, nz), min(y0 + chunk, ny), min(x0 + chunk, nx)
+          name = f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+          with open(os.path.join(tmp, key, name), "wb") as f:
+            f.write(np.ascontiguousarray(data[z0:z1, y0:y1, x0:x1]).tobytes())
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def run(args: argparse.Namespace) -> int:
   if args.format is None and args.preview is None:
     raise FFNError("nothing to do: give --format with --output, and/or --preview")
@@ -121,6 +169,19 @@ def run(args: argparse.Namespace) -> int:
                        photometric="minisblack")
   elif args.format == "png":
     write_png_stack(labels, args.output)
+  elif args.format == "precomputed":
+    from ffn.axes import parse_xyz
+    resolution = parse_xyz(args.resolution, "--resolution")
+    offset = box.start if box is not None else (0, 0, 0)
+    write_precomputed_layer(os.path.join(args.output, "segmentation"), labels, "segmentation",
+                            offset, resolution)
+    if args.image:
+      from ffn.io.volumes import Volume
+      with Volume(args.image) as vol:
+        image = vol.read_box(box or BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape)))
+      write_precomputed_layer(os.path.join(args.output, "image"), image, "image", offset, resolution)
+    print(f"Neuroglancer: run `ffn serve {args.output}`, then add the layers "
+          "precomputed://http://localhost:8000/image and precomputed://http://localhost:8000/segmentation")
   if args.format:
     _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
   if args.preview:
