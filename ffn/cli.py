@@ -22,7 +22,7 @@ from ffn.errors import FFNError
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("ffn.data.prepare", "prepare the shipped sample: HDF5, stats, partitions, coordinates"),
+    "prepare": ("ffn.data.prepare", "stats, partitions and coordinates of a labelled volume (default: the shipped sample)"),
     "convert": ("ffn.data.convert", "convert a PNG/TIFF slice stack to an HDF5 dataset"),
     "stats": ("ffn.data.stats", "image mean, standard deviation and histogram (for normalisation)"),
     "apply_transforms": ("ffn.data.groundtruth",
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm_train": ("ffn.training.distributed",
                     "train an FFN as a Slurm job: synchronous or parameter-server, requeued on preemption"),
     "run_inference": ("ffn.inference.cli", "segment a volume with a trained FFN (InferenceRequest pbtxt)"),
-    "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted Rand error and object counts vs ground truth"),
+    "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted and adapted Rand error, object counts vs ground truth"),
     "export": ("ffn.inference.export",
                "export a segmentation to HDF5 / TIFF / PNG / Neuroglancer precomputed, preview PNG"),
     "serve": ("ffn.inference.serve", "serve a folder over HTTP with CORS headers (for Neuroglancer)"),
