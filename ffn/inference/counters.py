@@ -20,6 +20,11 @@ class Counters:
   def set(self, name: str, value: int) -> None:
     self.values[name] = int(value)
 
+  def add(self, other: "Counters") -> None:
+    """Adds every value of ``other`` to this set of counters."""
+    for name, value in other.values.items():
+      self.increment(name, value)
+
   def __getitem__(self, name: str) -> int:
     return self.values.get(name, 0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -99,7 +100,8 @@ class Runner:
     if predict is not None:
       self.fov_size_zyx = xyz_to_zyx(fov_size_xyz)
       self.deltas_zyx = xyz_to_zyx(deltas_xyz)
-    self.canvas: Canvas | None = None
+    self._active_canvases: set[Canvas] = set()
+    self._lock = threading.Lock()
     self.stop_requested = False
 
   def load_model(self) -> None:
@@ -127,7 +129,10 @@ class Runner:
     return storage.existing_segmentation_path(self.request.segmentation_output_dir,
                                               xyz_to_zyx(box.start)) is not None
 
-  def make_canvas(self, box: BoundingBox) -> Canvas:
+  def make_canvas(self, box: BoundingBox, predict: Predictor | None = None,
+                  counters: Counters | None = None) -> Canvas:
+    """A canvas for ``box``; ``predict`` (default: the model) and ``counters`` (default: the
+    runner's) let several canvases share one batching executor and keep their own counters."""
     check_box_inside(box, self.volume_shape, self.image_spec)
     self.load_model()
     with timer_counter(self.counters, "load-image"), Volume(self.image_spec) as vol:
@@ -138,31 +143,48 @@ class Runner:
     mask = build_mask(self.request.masks, raw, "masks", corner)
     seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
     _, _, cpoint = self.paths(box)
-    canvas = Canvas(image, self.request.inference_options, self.predict, self.fov_size_zyx,
+    canvas = Canvas(image, self.request.inference_options, predict or self.predict, self.fov_size_zyx,
                     self.deltas_zyx, corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
                     checkpoint_path=cpoint, checkpoint_interval_sec=self.request.checkpoint_interval,
-                    counters=self.counters)
+                    counters=self.counters if counters is None else counters)
     canvas.stop_requested = self.stop_requested
     return canvas
 
   def request_stop(self) -> None:
     """Asks a running segmentation to checkpoint and stop (safe to call from a signal handler)."""
     self.stop_requested = True
-    if self.canvas is not None:
-      self.canvas.stop_requested = True
+    for canvas in list(self._active_canvases):
+      canvas.stop_requested = True
 
-  def run(self, box: BoundingBox | None = None) -> str:
+  def run(self, box: BoundingBox | None = None, predict: Predictor | None = None) -> str:
     """Segments ``box`` (default: the whole image); returns the result path.
 
     If the result already exists nothing is done. A checkpoint for the box is resumed.
+    ``predict`` replaces the model for this box (e.g. a client of a batching executor). When
+    several boxes run at once (:mod:`ffn.inference.executor`), each canvas counts into its own
+    counters, saved with its result, which are then added to the runner's.
     """
     box = box or self.full_box()
     seg_path, prob_path, cpoint = self.paths(box)
     if self.is_done(box):
       _log.info("%s exists: subvolume already segmented, nothing to do", seg_path)
       return seg_path
-    canvas = self.make_canvas(box)
-    self.canvas = canvas
+    counters = Counters() if predict is not None else None
+    canvas = self.make_canvas(box, predict=predict, counters=counters)
+    with self._lock:
+      self._active_canvases.add(canvas)
+      canvas.stop_requested |= self.stop_requested  # a stop that arrived while it was built
+    try:
+      self._segment(canvas, box, seg_path, prob_path, cpoint)
+    finally:
+      with self._lock:
+        self._active_canvases.discard(canvas)
+        if counters is not None:
+          self.counters.add(counters)
+    return seg_path
+
+  def _segment(self, canvas: Canvas, box: BoundingBox, seg_path: str, prob_path: str,
+               cpoint: str) -> None:
     partial = 0
     if os.path.exists(cpoint):
       try:
@@ -178,7 +200,6 @@ class Runner:
     self.save(canvas, seg_path, prob_path)
     if os.path.exists(cpoint):
       os.remove(cpoint)
-    return seg_path
 
   def save(self, canvas: Canvas, seg_path: str, prob_path: str) -> None:
     """Writes the result (failed-seed markers removed) and then the probability map."""
