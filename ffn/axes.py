@@ -76,3 +76,32 @@ class BoundingBox:
 
   def __repr__(self) -> str:
     return f"BoundingBox(start={self.start.tolist()}, size={self.size.tolist()})  # x,y,z"
+
+
+def split_box(box: BoundingBox, subvolume_size: Sequence[int],
+              overlap: Sequence[int] = (0, 0, 0)) -> list[BoundingBox]:
+  """Overlapping subvolumes (x,y,z sizes) that together cover ``box``, in x-fastest order.
+
+  Along each axis subvolumes start every ``size - overlap`` voxels; the last one is moved back so
+  it ends at the box's end (every subvolume keeps the full size, so neighbours may overlap by
+  more than ``overlap`` there). An axis shorter than ``subvolume_size`` gets one subvolume of the
+  box's length.
+  """
+  size = np.array(subvolume_size, dtype=np.int64).reshape(3)
+  over = np.array(overlap, dtype=np.int64).reshape(3)
+  if np.any(size <= 0):
+    raise FFNError(f"subvolume size must be positive, got {size.tolist()} (x,y,z)")
+  if np.any(over < 0) or np.any(over >= size):
+    raise FFNError(f"overlap must be >= 0 and smaller than the subvolume size {size.tolist()}, "
+                   f"got {over.tolist()} (x,y,z)")
+  starts_per_axis = []
+  for start, length, n, o in zip(box.start, box.size, size, over):
+    if length <= n:
+      starts_per_axis.append([(int(start), int(length))])
+      continue
+    starts = list(range(int(start), int(start + length - n) + 1, int(n - o)))
+    if starts[-1] + n < start + length:
+      starts.append(int(start + length - n))
+    starts_per_axis.append([(s, int(n)) for s in starts])
+  return [BoundingBox((x[0], y[0], z[0]), (x[1], y[1], z[1]))
+          for z in starts_per_axis[2] for y in starts_per_axis[1] for x in starts_per_axis[0]]
