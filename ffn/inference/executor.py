@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ffn.inference.counters import Counters, timer_counter
+from ffn.progress import Progress, track
 
 if TYPE_CHECKING:
   from ffn.axes import BoundingBox
@@ -220,8 +221,11 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
   runner.load_model()
   concurrent_requests = max(1, min(int(concurrent_requests), len(todo)))
   if concurrent_requests == 1 and batch_size == 1:
-    for box in todo:
-      runner.run(box)
+    if len(todo) == 1:
+      runner.run(todo[0])
+    else:
+      for box in track(todo, "subvolumes", unit="subvolume"):
+        runner.run(box)
     return paths
   _log.info("segmenting %d subvolumes, %d at a time, batches of up to %d", len(todo),
             concurrent_requests, batch_size)
@@ -234,12 +238,14 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
       with executor.client() as client:
         return runner.run(box, predict=client)
 
-    with futures.ThreadPoolExecutor(concurrent_requests, thread_name_prefix="ffn-canvas") as pool:
+    first_error: BaseException | None = None
+    with futures.ThreadPoolExecutor(concurrent_requests, thread_name_prefix="ffn-canvas") as pool, \
+        Progress(len(todo), "subvolumes", unit="subvolume", log_every_s=60.0) as progress:
       jobs = [pool.submit(one, box) for box in todo]
-      first_error: BaseException | None = None
-      for job in jobs:
+      for job in futures.as_completed(jobs):
         try:
           job.result()
+          progress.update()
         except _Skipped:
           continue
         except BaseException as e:  # noqa: BLE001 - stop the rest, then re-raise the first
