@@ -99,6 +99,25 @@ def test_precomputed_export_round_trip(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["v.h5", "view"]  # no temporary folders left
 
 
+def test_precomputed_export_reads_back_with_tensorstore(tmp_path):
+  """Google's own precomputed reader (tensorstore) opens both layers and returns our arrays."""
+  import tensorstore as ts
+  labels = np.random.default_rng(2).integers(0, 2**40, (70, 5, 66), dtype=np.int64)
+  image = np.random.default_rng(3).integers(0, 255, (70, 5, 66), dtype=np.uint8)
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["seg"] = labels
+    f["raw"] = image
+  out = tmp_path / "view"
+  assert main(["export", "--segmentation", f"{tmp_path}/v.h5:seg", "--format", "precomputed",
+               "--output", str(out), "--image", f"{tmp_path}/v.h5:raw"]) == 0
+  for layer, expected, dtype in (("segmentation", labels, "uint64"), ("image", image, "uint8")):
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{out}/{layer}"}).result()
+    assert store.domain.labels == ("x", "y", "z", "channel")
+    assert store.dtype.name == dtype
+    xyzc = store.read().result()
+    np.testing.assert_array_equal(xyzc[..., 0].transpose(2, 1, 0), expected.astype(dtype))
+
+
 def test_serve_sends_cors_header(tmp_path):
   import functools
   import http.server
