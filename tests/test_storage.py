@@ -37,8 +37,10 @@ def test_save_matches_google_keys_and_dtypes(tmp_path):
     assert set(d.files) == {"segmentation", "origins", "request", "counters", "overlaps"}
     assert d["segmentation"].dtype == np.uint16
     assert d["origins"].item()[300].iters == 5
-  seg, orig = storage.load_segmentation(str(tmp_path), (0, 0, 0))
+  seg, orig = storage.load_segmentation(str(tmp_path), (0, 0, 0), split_cc=False)
   assert seg.dtype == np.uint64 and int(seg.max()) == 300 and orig[300].start_zyx == (2, 2, 2)
+  seg, orig = storage.load_segmentation(str(tmp_path), (0, 0, 0))  # google's default: split_cc
+  assert int(seg.max()) == 1 and orig[1].start_zyx == (2, 2, 2)
   assert not [p for p in tmp_path.rglob("*.tmp")]  # atomic write leaves no temp files
 
 

@@ -1,19 +1,30 @@
-"""Exclusion masks from ``MaskConfig`` protos (image and volume sources).
+"""Where the flood fill may go: exclusion masks from ``MaskConfig`` protos, and shift masks.
 
-A channel mask is ``min_value <= v <= max_value`` or ``v in values`` (if given), optionally inverted;
-a MaskConfig ORs its channel masks and may invert the result; several MaskConfigs are ORed. Image
-masks test the **raw** image values (before normalisation). Volume masks read the same box of
-another HDF5 volume (3D, single channel 0).
+Exclusion masks: a channel mask is ``min_value <= v <= max_value`` or ``v in values`` (if given),
+optionally inverted; a MaskConfig ORs its channel masks and may invert the result; several
+MaskConfigs are ORed. Image masks test the **raw** image values (before normalisation). Volume
+masks read the same box of another HDF5 volume (3D, single channel 0).
+
+Shift masks (:class:`ShiftMask`, google/ffn's ``MovementRestrictor`` shift-mask part): the request's
+``shift_mask`` is a 4D HDF5 dataset (channel, z, y, x) whose channels 0 and 1 hold a local (y, x)
+shift between slice z and z+1, stored ``shift_mask_scale`` times coarser in y and x than the image
+(z is not scaled). A voxel is *distorted* where ``max(|shift_0|, |shift_1|) >= shift_mask_threshold``.
+The FoV may not be centred at a position if any distorted voxel lies in the box ``shift_mask_fov``
+around it (relative to the position, x,y,z proto; default: the network's FoV, centred). Only the
+no-alignment case exists here (google's ``alignment.transform_shift_mask`` is the identity then).
+
+All arrays are z,y,x; protos give x,y,z.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 from ffn.errors import FFNError
-from ffn.io.volumes import Volume
+from ffn.io.volumes import Volume, check_dtype, parse_spec
 
 
 def _channel_mask(values: np.ndarray, config) -> np.ndarray:
@@ -24,24 +35,32 @@ def _channel_mask(values: np.ndarray, config) -> np.ndarray:
   return ~out if config.invert else out
 
 
-def build_mask(configs: Sequence, raw_image: np.ndarray, field: str,
-               corner_zyx: Sequence[int] = (0, 0, 0)) -> np.ndarray | None:
-  """Boolean z,y,x mask (True = excluded) for ``raw_image``'s box, or None if no configs."""
+def build_mask(configs: Sequence, raw_image: np.ndarray | None, field: str,
+               corner_zyx: Sequence[int] = (0, 0, 0),
+               shape_zyx: Sequence[int] | None = None) -> np.ndarray | None:
+  """Boolean z,y,x mask (True = excluded) for the box at ``corner_zyx``, or None if no configs.
+
+  The box has ``raw_image``'s shape, or ``shape_zyx`` when no image is given (then only volume
+  masks are possible).
+  """
+  shape = tuple(raw_image.shape) if raw_image is not None else tuple(int(n) for n in shape_zyx or ())
   final = None
   for i, config in enumerate(configs):
     source = config.WhichOneof("source")
-    current = np.zeros(raw_image.shape, dtype=bool)
+    current = np.zeros(shape, dtype=bool)
     if source == "image":
+      if raw_image is None:
+        raise FFNError(f"{field}[{i}]: image masks are not available here (use a volume mask)")
       data = raw_image
       channels = config.image.channels
     elif source == "volume":
       spec = config.volume.mask.hdf5
       if not spec:
         raise FFNError(f"inference request: {field}[{i}].volume.mask needs hdf5: \"file.h5:dataset\"")
-      sel = tuple(slice(int(c), int(c) + n) for c, n in zip(corner_zyx, raw_image.shape))
+      sel = tuple(slice(int(c), int(c) + n) for c, n in zip(corner_zyx, shape))
       with Volume(spec) as vol:
         data = vol[sel]
-      if data.shape != raw_image.shape:
+      if data.shape != shape:
         raise FFNError(f"{spec}: mask volume does not cover the segmented box")
       channels = config.volume.channels
     else:
@@ -55,3 +74,111 @@ def build_mask(configs: Sequence, raw_image: np.ndarray, field: str,
       current = ~current
     final = current if final is None else final | current
   return final
+
+
+def _open_dataset(spec: str, field: str) -> tuple[h5py.File, h5py.Dataset]:
+  """Opens ``path.h5:dataset``; any problem -> FFNError naming ``field`` and the file."""
+  parsed = parse_spec(spec)
+  if parsed.dataset is None:
+    raise FFNError(f"inference request: {field}: expected hdf5 \"file.h5:dataset\", got {spec!r}")
+  try:
+    f = h5py.File(parsed.path, "r")
+  except FileNotFoundError:
+    raise FFNError(f"{parsed.path}: file not found ({field})") from None
+  except OSError as e:
+    raise FFNError(f"{parsed.path}: not a readable HDF5 file ({field}: {e})") from None
+  ds = f.get(parsed.dataset)
+  if not isinstance(ds, h5py.Dataset):
+    f.close()
+    raise FFNError(f"{parsed.path}: no dataset {parsed.dataset!r} ({field})")
+  return f, ds
+
+
+def read_box(spec: str, field: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
+             channels: int | None = None, fill_outside: bool = False) -> np.ndarray:
+  """Reads the z,y,x box ``corner_zyx`` + ``shape_zyx`` of an HDF5 dataset.
+
+  ``channels`` None: the dataset is 3D (z,y,x) or 4D (channel,z,y,x; channel 0 is read) and the
+  result is z,y,x. ``channels`` n: the dataset must be 4D with at least n channels; the result is
+  channels 0..n-1, (n,z,y,x). ``fill_outside``: voxels of the box outside the dataset are 0
+  (otherwise a box not inside the dataset is an FFNError).
+  """
+  f, ds = _open_dataset(spec, field)
+  with f:
+    if channels is not None and (ds.ndim != 4 or ds.shape[0] < channels):
+      raise FFNError(f"{spec}: {field} must be 4D (channel,z,y,x) with at least {channels} channels, "
+                     f"got shape {ds.shape}")
+    if ds.ndim not in (3, 4):
+      raise FFNError(f"{spec}: {field} must be 3D (z,y,x) or 4D (channel,z,y,x), got shape {ds.shape}")
+    spatial = np.array(ds.shape[-3:], dtype=np.int64)
+    lo = np.array(corner_zyx, dtype=np.int64)
+    hi = lo + np.array(shape_zyx, dtype=np.int64)
+    if not fill_outside and (np.any(lo < 0) or np.any(hi > spatial)):
+      raise FFNError(f"{spec}: {field} of shape {spatial.tolist()[::-1]} (x,y,z) does not cover the "
+                     f"box at {lo.tolist()[::-1]} of size {list(shape_zyx)[::-1]} (x,y,z)")
+    lead: tuple = () if ds.ndim == 3 else ((0,) if channels is None else (slice(0, channels),))
+    out = np.zeros(((channels,) if channels is not None else ()) + tuple((hi - lo).tolist()), ds.dtype)
+    clo, chi = np.clip(lo, 0, spatial), np.clip(hi, 0, spatial)
+    if np.all(chi > clo):
+      dst = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(clo, chi, lo))
+      out[(Ellipsis,) + dst] = ds[lead + tuple(slice(int(a), int(b)) for a, b in zip(clo, chi))]
+  return out
+
+
+def read_labels(spec: str, field: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int]) -> np.ndarray:
+  """An integer label box (z,y,x) of a 3D dataset or channel 0 of a 4D one; non-negative ids."""
+  f, ds = _open_dataset(spec, field)
+  with f:
+    check_dtype(f"{spec} ({field})", ds.dtype, "uib")
+  labels = read_box(spec, field, corner_zyx, shape_zyx)
+  if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+    raise FFNError(f"{spec}: {field} has negative ids (min {labels.min()}); ids must be >= 0")
+  return labels
+
+
+class ShiftMask:
+  """Blocks FoV positions near large inter-slice shifts (see the module docstring).
+
+  ``distorted``: bool (z, y', x') at the shift mask's scale; its index 0 along y/x is the coarse
+  voxel ``corner_y // scale`` / ``corner_x // scale`` of the whole volume, where ``corner_zyx`` is
+  the canvas corner. ``fov_start_zyx``/``fov_size_zyx``: the box checked around a position, in
+  full-resolution voxels relative to it.
+  """
+
+  def __init__(self, distorted: np.ndarray, corner_zyx: Sequence[int], scale: int,
+               fov_start_zyx: Sequence[int], fov_size_zyx: Sequence[int]):
+    self.distorted = np.asarray(distorted, dtype=bool)
+    self.scale = int(scale)
+    self._corner = np.array(corner_zyx, dtype=np.int64)
+    self._pre = np.array(fov_start_zyx, dtype=np.int64)
+    self._post = self._pre + np.array(fov_size_zyx, dtype=np.int64) - 1  # inclusive
+
+  def _coarse(self, local_zyx: np.ndarray) -> np.ndarray:
+    """Local full-resolution z,y,x -> index into ``distorted`` (z unscaled)."""
+    out = local_zyx.copy()
+    s = self.scale
+    out[1:] = (local_zyx[1:] + self._corner[1:]) // s - self._corner[1:] // s
+    return out
+
+  def blocks(self, pos_zyx: Sequence[int]) -> bool:
+    """Whether a distorted voxel lies in the shift-mask FoV around ``pos_zyx`` (canvas-local)."""
+    pos = np.array(pos_zyx, dtype=np.int64)
+    lo = np.maximum(pos + self._pre, 0)
+    hi = pos + self._post
+    if np.any(hi < lo):
+      return False
+    a, b = self._coarse(lo), self._coarse(hi)
+    return bool(self.distorted[a[0]:b[0] + 1, a[1]:b[1] + 1, a[2]:b[2] + 1].any())
+
+  @classmethod
+  def load(cls, spec: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int], scale: int,
+           threshold: float, fov_start_zyx: Sequence[int], fov_size_zyx: Sequence[int]) -> "ShiftMask":
+    """Reads the part of the shift mask ``spec`` under the canvas box; outside the dataset the
+    shift is 0 (as google's identity alignment fills it)."""
+    corner = np.array(corner_zyx, dtype=np.int64)
+    last = corner + np.array(shape_zyx, dtype=np.int64) - 1
+    lo = np.array([corner[0], corner[1] // scale, corner[2] // scale])
+    hi = np.array([last[0], last[1] // scale, last[2] // scale]) + 1
+    shifts = read_box(spec, "shift_mask", lo, hi - lo, channels=2, fill_outside=True)
+    distorted = np.max(np.abs(shifts.astype(np.float64)), axis=0) >= threshold
+    return cls(distorted, corner_zyx, scale, fov_start_zyx, fov_size_zyx)

@@ -1,4 +1,5 @@
-"""Reading InferenceRequest text protos (pbtxt) and ``--bounding_box`` values, with clear errors."""
+"""Reading InferenceRequest text protos (pbtxt), their volume fields and ``--bounding_box`` values,
+with clear errors."""
 
 from __future__ import annotations
 
@@ -38,6 +39,26 @@ def load_request(path_or_text: str) -> inference_pb2.InferenceRequest:
   if path_or_text.strip().endswith((".pbtxt", ".txt")) or "{" not in path_or_text:
     raise FFNError(f"{path_or_text}: inference request file not found")
   return parse_request(path_or_text, "--inference_request")
+
+
+def hdf5_spec(volume, field: str) -> str:
+  """The ``file.h5:dataset`` of a DecoratedVolume proto field; anything else -> FFNError naming it.
+
+  Only ``hdf5`` volumes exist here: ``volinfo`` and ``decorator_specs`` (google's VolumeStore
+  features) are refused.
+  """
+  which = volume.WhichOneof("volume_path")
+  if which == "volinfo":
+    raise FFNError(f"inference request: {field}: volinfo volumes are not supported "
+                   "(use hdf5: \"file.h5:dataset\")")
+  if which != "hdf5":
+    raise FFNError(f"inference request: {field} needs hdf5: \"file.h5:dataset\"")
+  if volume.HasField("decorator_specs"):
+    raise FFNError(f"inference request: {field}.decorator_specs is not supported (volinfo only)")
+  parts = volume.hdf5.split(":")
+  if len(parts) != 2 or not all(parts):
+    raise FFNError(f"inference request: {field}.hdf5 must be 'file.h5:dataset', got {volume.hdf5!r}")
+  return volume.hdf5
 
 
 def parse_bounding_box(text: str) -> BoundingBox:

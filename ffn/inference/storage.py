@@ -12,6 +12,15 @@ smallest unsigned dtype holding the largest id), ``origins`` (pickled dict id ->
 overlapped ids and voxel counts), ``request`` (serialised InferenceRequest bytes) and ``counters``
 (JSON string). :class:`OriginInfo` keeps google's module path (``ffn.inference.storage``) and field
 names, so pickled origins load in either code base.
+
+A result of a run started from an existing segmentation (``InferenceRequest.init_segmentation``)
+also holds ``local_to_global_ids``: a uint64 lookup table, ``local_to_global_ids[local_id]`` = the id
+that object has in the initial segmentation volume (entry 0 is 0). The saved ``segmentation`` uses
+the local ids; ids >= ``len(local_to_global_ids)`` are objects created by this run. google/ffn keeps
+this map in memory only; this key is our addition (google's loaders ignore unknown keys).
+
+:func:`load_segmentation` reads a result back like google/ffn's: optionally thresholded on the
+saved probability, masked, split into connected components and cleared of small pieces.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from ffn.errors import FFNError
 from ffn.io.atomic import write_bytes_atomic
@@ -155,32 +165,130 @@ def load_segmentation_file(path: str) -> tuple[np.ndarray, dict]:
   return seg.astype(np.uint64), origins
 
 
-def load_segmentation(output_dir: str, corner_zyx: Sequence[int], allow_cpoint: bool = False,
-                      threshold: float | None = None, min_size: int = 0) -> tuple[np.ndarray, dict]:
-  """Loads a subvolume result like google/ffn's ``storage.load_segmentation``.
+def _first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(sorted unique ids, flat C-order index of each id's first voxel), without sorting the volume."""
+  flat = labels.reshape(-1)
+  ids = np.unique(flat)
+  first = np.full(ids.size, flat.size, np.int64)
+  np.minimum.at(first, np.searchsorted(ids, flat), np.arange(flat.size, dtype=np.int64))
+  return ids, first
 
-  ``threshold``: drop voxels whose saved object probability is below it (needs the ``.prob`` file);
-  ``min_size``: drop segments smaller than this many voxels. Returns (uint64 labels z,y,x, origins).
-  Unlike google's default, connected components are not recomputed.
+
+def split_disconnected_components(labels: np.ndarray, connectivity: int = 1) -> np.ndarray:
+  """Gives every connected piece of every object its own id, like google's function of that name.
+
+  ``labels``: z,y,x ids, 0 = background (stays 0). Voxels belong to one piece when they have the
+  same id and are linked through neighbours: ``connectivity`` 1, 2 or 3 = 6, 18 or 26 neighbours
+  (google uses 1). Pieces get ids 1..N in the raster (z,y,x C-order) order of their first voxel,
+  which is how ``skimage.measure.label`` (google's implementation) numbers them. Returns an array
+  of ``labels.dtype`` (uint64 if N does not fit in it). Cost: one labelling of each object's
+  bounding box (``scipy.ndimage.label``).
+  """
+  structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
+  ids = np.unique(labels)
+  ids = ids[ids != 0]
+  dense = np.searchsorted(ids, labels).astype(np.int64, copy=False) + 1  # object k = ids[k - 1]
+  dense[labels == 0] = 0
+  pieces = np.zeros(labels.shape, np.int64)
+  count = 0
+  for k, box in enumerate(ndimage.find_objects(dense), start=1):
+    if box is None:
+      continue
+    inside = dense[box] == k
+    piece, n = ndimage.label(inside, structure)
+    pieces[box][inside] = piece[inside] + count
+    count += n
+  del dense
+  first = np.full(count + 1, pieces.size, np.int64)
+  np.minimum.at(first, pieces.reshape(-1), np.arange(pieces.size, dtype=np.int64))
+  lut = np.zeros(count + 1, np.int64)
+  lut[1 + np.argsort(first[1:], kind="stable")] = np.arange(1, count + 1)
+  out = lut[pieces]
+  dtype = labels.dtype if np.can_cast(np.min_scalar_type(count), labels.dtype) else np.uint64
+  return out.astype(dtype)
+
+
+def clear_dust(labels: np.ndarray, min_size: int) -> np.ndarray:
+  """Sets objects with fewer than ``min_size`` voxels to 0, in place; returns ``labels``."""
+  ids, sizes = np.unique(labels, return_counts=True)
+  small = ids[(sizes < min_size) & (ids != 0)]
+  if small.size:
+    labels[np.isin(labels, small)] = 0
+  return labels
+
+
+def clean_up(labels: np.ndarray, split_cc: bool = True, min_size: int = 0) -> dict[int, int]:
+  """Splits objects into connected pieces and clears small ones, in place (google's ``clean_up``).
+
+  Returns {new id: original id}, the original id being the one at the first voxel (raster order)
+  of each new id; 0 maps to 0 when background remains.
+  """
+  original = labels.copy()
+  if split_cc:
+    labels[...] = split_disconnected_components(labels)
+  if min_size > 0:
+    clear_dust(labels, min_size)
+  new_ids, first = _first_voxels(labels)
+  return {int(n): int(o) for n, o in zip(new_ids, original.reshape(-1)[first])}
+
+
+def _threshold(labels: np.ndarray, output_dir: str, corner_zyx: Sequence[int], threshold: float) -> None:
+  prob_path = object_prob_path(output_dir, corner_zyx)
+  if not os.path.exists(prob_path):
+    prob_path = legacy_subvolume_path(output_dir, corner_zyx, "prob")
+  if not os.path.exists(prob_path):
+    raise FFNError(f"{output_dir}: probability map for corner {list(corner_zyx)[::-1]} (x,y,z) not found")
+  with _open_npz(prob_path) as data:
+    if "qprob" not in data:
+      raise FFNError(f"{prob_path}: no 'qprob' array (not an FFN probability map)")
+    prob = dequantize_probability(data["qprob"])
+  if prob.shape != labels.shape:
+    raise FFNError(f"{prob_path}: probability map shape {prob.shape} differs from the segmentation's "
+                   f"{labels.shape} (z,y,x)")
+  labels[prob < threshold] = 0  # like google: voxels without a saved probability (NaN) are kept
+
+
+def load_segmentation(output_dir: str, corner_zyx: Sequence[int], allow_cpoint: bool = False,
+                      threshold: float | None = None, split_cc: bool = True, min_size: int = 0,
+                      mask_config=None) -> tuple[np.ndarray, dict]:
+  """Loads a subvolume result the way google/ffn's ``storage.load_segmentation`` does.
+
+  Steps, in google's order: ``threshold`` -- set voxels whose saved object probability (the
+  ``.prob`` file) is below it to 0 (voxels with no saved probability are kept); ``mask_config`` --
+  a ``MaskConfigs`` proto whose (volume) masks are set to 0; ``split_cc`` (default True, as in
+  google) -- every 6-connected piece of an object becomes its own object, numbered 1..N in raster
+  order (:func:`split_disconnected_components`); ``min_size`` -- objects (after splitting) with fewer
+  voxels are set to 0. When splitting or size filtering is done, origins are re-keyed to the new
+  ids: every piece of a split object keeps the original object's origin, and cleared objects lose
+  theirs. Returns (uint64 labels z,y,x, origins). Failed-seed markers (-1) in a checkpoint read as 0.
   """
   path = existing_segmentation_path(output_dir, corner_zyx, allow_cpoint)
   if path is None:
     raise FFNError(f"{output_dir}: no segmentation for corner {list(corner_zyx)[::-1]} (x,y,z)")
   seg, origins = load_segmentation_file(path)
   if threshold is not None:
-    prob_path = object_prob_path(output_dir, corner_zyx)
-    if not os.path.exists(prob_path):
-      prob_path = legacy_subvolume_path(output_dir, corner_zyx, "prob")
-    if not os.path.exists(prob_path):
-      raise FFNError(f"{output_dir}: probability map for corner {list(corner_zyx)[::-1]} not found")
-    with _open_npz(prob_path) as data:
-      if "qprob" not in data:
-        raise FFNError(f"{prob_path}: no 'qprob' array (not an FFN probability map)")
-      prob = dequantize_probability(data["qprob"])
-    seg[~(prob >= threshold)] = 0
-  if min_size:
-    ids, counts = np.unique(seg, return_counts=True)
-    small = ids[(counts < min_size) & (ids != 0)]
-    seg[np.isin(seg, small)] = 0
-    origins = {k: v for k, v in origins.items() if k not in set(small.tolist())}
+    _threshold(seg, output_dir, corner_zyx, threshold)
+  if mask_config is not None:
+    from ffn.inference.masks import build_mask
+    mask = build_mask(mask_config.masks, None, "mask_config.masks", corner_zyx, shape_zyx=seg.shape)
+    if mask is not None:
+      seg[mask] = 0
+  if split_cc or min_size > 0:
+    new_to_old = clean_up(seg, split_cc, min_size)
+    origins = {new: origins[old] for new, old in new_to_old.items() if old in origins}
   return seg, origins
+
+
+def load_segmentation_from_source(source, corner_zyx: Sequence[int]) -> tuple[np.ndarray, dict]:
+  """:func:`load_segmentation` for a ``SegmentationSource`` proto (fields left unset keep their
+  defaults, as in google/ffn)."""
+  kwargs: dict = {}
+  if source.HasField("threshold"):
+    kwargs["threshold"] = source.threshold
+  if source.HasField("split_cc"):
+    kwargs["split_cc"] = source.split_cc
+  if source.HasField("min_size"):
+    kwargs["min_size"] = source.min_size
+  if source.HasField("mask"):
+    kwargs["mask_config"] = source.mask
+  return load_segmentation(source.directory, corner_zyx, **kwargs)
