@@ -93,10 +93,12 @@ def test_missing_request_file(setup, capsys):
 
 def test_unimplemented_request_fields_are_named():
   from ffn.inference.request import parse_request
-  from ffn.inference.runner import ignored_request_fields
+  from ffn.inference.runner import google_ignored_request_fields, ignored_request_fields
   request = parse_request('image { hdf5: "a.h5:raw" } batch_size: 4 reference_histogram: "h.npy" '
                           'inference_options { consistency_threshold: 0.5 } '
-                          'alignment_options { type: NO_ALIGNMENT }')
-  assert ignored_request_fields(request) == ["reference_histogram",
-                                             "inference_options.consistency_threshold", "batch_size"]
-  assert ignored_request_fields(parse_request('image { hdf5: "a.h5:raw" }')) == []
+                          'movement_policy_args: "{}" '
+                          'alignment_options { type: NO_ALIGNMENT save_raw: true }')
+  assert ignored_request_fields(request) == ["alignment_options.save_raw", "movement_policy_args"]
+  assert google_ignored_request_fields(request) == ["reference_histogram"]
+  plain = parse_request('image { hdf5: "a.h5:raw" }')
+  assert ignored_request_fields(plain) == [] and google_ignored_request_fields(plain) == []

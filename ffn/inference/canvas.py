@@ -8,6 +8,25 @@ for unsegmented voxels. The network is any ``predict(x[b,z,y,x,2]) -> logits[b,z
 Thresholds in the InferenceOptions are probabilities; they are converted to float32 logits once,
 as google/ffn stores them back into its float proto fields.
 
+Options beyond google/ffn HEAD's canvas:
+
+* ``consistency_threshold`` (> 0): :meth:`Canvas.update_at` evaluates the network repeatedly at the
+  same position, feeding its own prediction back as the seed input, until the mean over the FoV of
+  ``|p_in - p_out|`` (probabilities: expit of the logits fed in and of the logits returned) is below
+  the threshold, at most ``MAX_SELF_CONSISTENT_ITERS`` (32) evaluations. The first comparison is
+  against the seed as fed (unvisited voxels at ``pad_value``). The last prediction is kept even
+  when it did not converge; the disconnected-seed freeze is applied to it afterwards. This is the
+  loop of google/ffn's older ``inference.py`` (2017-2018); google's current HEAD dropped it and
+  ignores the option. 0 or unset: one evaluation per position (HEAD's behaviour).
+* an initial segmentation (:meth:`Canvas.init_segmentation`, google's
+  ``init_segmentation_from_volume``): ids are made contiguous, the map to the original ids is kept
+  in ``local_to_global_ids`` and saved with the result (:mod:`ffn.inference.storage`).
+* a shift mask (:class:`ffn.inference.masks.ShiftMask`), checked wherever the restrictor mask is.
+
+Progress (over candidate seeds) also reports the objects made, the fraction of voxels segmented,
+and the *live* seeds -- remaining candidates on unsegmented, unmasked voxels -- and bases its ETA
+on how fast that number drains (:class:`_SeedProgress`).
+
 Differences from google/ffn HEAD, on purpose:
 
 * the probability map is always kept (google saves ``seg_prob`` even when it did not keep one);
@@ -29,14 +48,17 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.special import expit, logit
 
+from ffn.errors import FFNError
 from ffn.inference import storage
 from ffn.inference.counters import Counters, timer_counter
+from ffn.inference.masks import ShiftMask
 from ffn.inference.movement import FaceMaxMovementPolicy
 from ffn.inference.seed import BaseSeedPolicy
 from ffn.progress import Progress
 
 _log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
+MAX_SELF_CONSISTENT_ITERS = 32  # google/ffn's cap on evaluations per position (consistency_threshold)
 
 
 class InferenceInterrupted(Exception):
@@ -57,20 +79,25 @@ def _logit32(probability: float) -> np.float32:
 class Canvas:
   """Segments one subvolume by flood filling from seeds (see the module docstring)."""
 
+  PROGRESS_LOG_EVERY_S = 30.0  # seconds between progress log lines when stderr is not a terminal
+
   def __init__(self, image: np.ndarray, options, predict: Predictor, fov_size_zyx: Sequence[int],
                deltas_zyx: Sequence[int], *, corner_zyx: Sequence[int] = (0, 0, 0),
                restrictor_mask: np.ndarray | None = None, seed_mask: np.ndarray | None = None,
+               shift_mask: ShiftMask | None = None,
                checkpoint_path: str | None = None, checkpoint_interval_sec: float = 0,
                counters: Counters | None = None):
     """``image``: normalised float32 z,y,x; ``options``: InferenceOptions proto;
     ``restrictor_mask``: True where nothing may be segmented; ``seed_mask``: True where no object
-    may start; ``checkpoint_interval_sec`` <= 0 disables periodic checkpoints."""
+    may start; ``shift_mask``: FoV positions blocked by large slice shifts;
+    ``checkpoint_interval_sec`` <= 0 disables periodic checkpoints."""
     self.image = image
     self.shape = tuple(image.shape)
     self.predict_fn = predict
     self.corner_zyx = tuple(int(v) for v in corner_zyx)
     self.restrictor_mask = restrictor_mask
     self.seed_mask = seed_mask
+    self.shift_mask = shift_mask
     self.counters = counters if counters is not None else Counters()
     self.checkpoint_path = checkpoint_path
     self.checkpoint_interval_sec = checkpoint_interval_sec
@@ -83,6 +110,7 @@ class Canvas:
     self.segment_threshold = _logit32(options.segment_threshold)
     self.disco_seed_threshold = float(options.disco_seed_threshold)
     self.min_segment_size = int(options.min_segment_size)
+    self.consistency_threshold = float(options.consistency_threshold)
     mbd = options.min_boundary_dist
     self.min_boundary_dist = np.array([mbd.z, mbd.y, mbd.x], dtype=np.int64)
 
@@ -95,6 +123,8 @@ class Canvas:
     self.origins: dict[int, storage.OriginInfo] = {}
     self.overlaps: dict[int, np.ndarray] = {}
     self._max_id = 0
+    self.local_to_global_ids: np.ndarray | None = None  # set by init_segmentation
+    self.segmented_voxels = 0  # voxels with an id > 0; counted when segment_all starts
     self.seed_policy: BaseSeedPolicy | None = None
     self._seed_policy_state = None
     self._in_flight = False
@@ -137,7 +167,10 @@ class Canvas:
     return True
 
   def _restricted(self, pos: tuple) -> bool:
-    return self.restrictor_mask is not None and bool(self.restrictor_mask[pos])
+    """google's ``MovementRestrictor.is_valid_pos``, negated: masked, or blocked by the shift mask."""
+    if self.restrictor_mask is not None and self.restrictor_mask[pos]:
+      return True
+    return self.shift_mask is not None and self.shift_mask.blocks(pos)
 
   def update_at(self, pos: Sequence[int]) -> np.ndarray:
     """Runs the network with the FoV centred at ``pos``; writes and returns the new logits."""
@@ -148,8 +181,16 @@ class Canvas:
     x = np.empty((1,) + tuple(int(n) for n in self.fov_size) + (2,), np.float32)
     x[0, ..., 0] = self.image[sel]
     x[0, ..., 1] = logit_seed
-    with timer_counter(self.counters, "inference"):
-      logits = np.asarray(self.predict_fn(x), dtype=np.float32)[0, ..., 0].copy()
+    logits = self._predict(x)
+    if self.consistency_threshold > 0:  # google's older self-consistency loop (module docstring)
+      prob_in = expit(logit_seed)
+      for _ in range(MAX_SELF_CONSISTENT_ITERS - 1):
+        prob_out = expit(logits)
+        if np.mean(np.abs(prob_in - prob_out)) < self.consistency_threshold:
+          break
+        prob_in = prob_out
+        x[0, ..., 1] = logits
+        logits = self._predict(x)
     if self.disco_seed_threshold >= 0:
       old = self.seed[sel]
       if np.mean(logits >= self.move_threshold) > self.disco_seed_threshold:
@@ -158,6 +199,11 @@ class Canvas:
         logits[freeze] = old[freeze]
     self.seed[sel] = logits
     return logits
+
+  def _predict(self, x: np.ndarray) -> np.ndarray:
+    """One network evaluation: logits z,y,x of the FoV input ``x`` [1,z,y,x,2]."""
+    with timer_counter(self.counters, "inference"):
+      return np.asarray(self.predict_fn(x), dtype=np.float32)[0, ..., 0].copy()
 
   def segment_at(self, start_pos: tuple, partial_segment_iters: int = 0) -> int:
     """Flood fills one object from ``start_pos``; returns the number of network evaluations.
@@ -194,6 +240,41 @@ class Canvas:
 
   # -- whole subvolume --------------------------------------------------------------------------
 
+  def init_segmentation(self, labels: np.ndarray, where: str = "init_segmentation") -> None:
+    """Starts from an existing segmentation of this box (google's ``init_segmentation_from_volume``).
+
+    ``labels``: integer ids z,y,x of the canvas shape, 0 = unsegmented. The ids are renumbered
+    1..N in increasing order of the original id (google's ``make_contiguous``); the original of
+    local id ``i`` is ``local_to_global_ids[i]`` (uint64, entry 0 is 0), saved with the result.
+    Segmented voxels get probability 1.0 (quantised) in ``seg_prob``; new objects get ids > N.
+    These objects have no origins and are never grown further (new objects may not overlap them).
+    """
+    labels = np.asarray(labels)
+    if labels.shape != self.shape:
+      raise FFNError(f"{where}: shape {labels.shape} (z,y,x) differs from the subvolume's {self.shape}")
+    if labels.dtype.kind not in "uib":
+      raise FFNError(f"{where}: dtype {labels.dtype.name} is not allowed (expected integer ids)")
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+      raise FFNError(f"{where}: negative ids (min {labels.min()}); ids must be >= 0")
+    ids, local = np.unique(labels, return_inverse=True)
+    ids = ids.astype(np.uint64)
+    if ids.size and ids[0] != 0:  # 0 is always local id 0, even if absent
+      ids = np.concatenate([np.zeros(1, np.uint64), ids])
+      local = local + 1
+    if len(ids) - 1 > np.iinfo(np.int32).max:
+      raise FFNError(f"{where}: too many objects ({len(ids) - 1}) for int32 local ids")
+    self.segmentation[:] = local.reshape(self.shape)
+    self.seg_prob[self.segmentation > 0] = storage.quantize_probability(np.array([1.0]))[0]
+    self.local_to_global_ids = ids if ids.size else np.zeros(1, np.uint64)
+    self._max_id = len(self.local_to_global_ids) - 1
+    _log.info("initial segmentation %s: %d objects", where, self._max_id)
+
+  def result_extras(self) -> dict[str, np.ndarray]:
+    """Extra arrays to save with the result (``local_to_global_ids`` after init_segmentation)."""
+    if self.local_to_global_ids is None:
+      return {}
+    return {"local_to_global_ids": self.local_to_global_ids}
+
   def segment_all(self, seed_policy: Callable[["Canvas"], BaseSeedPolicy],
                   partial_segment_iters: int = 0) -> None:
     """Tries to grow an object from every seed the policy yields."""
@@ -202,16 +283,17 @@ class Canvas:
       self.seed_policy.set_state(self._seed_policy_state)
       self._seed_policy_state = None
     mbd = self.min_boundary_dist
-    progress: Progress | None = None  # over candidate seeds: the policy knows them after next()
+    resumed_at = self.seed_policy.idx  # > 0 when restored from a checkpoint
+    self.segmented_voxels = int(np.count_nonzero(self.segmentation > 0))
+    progress: _SeedProgress | None = None  # over candidate seeds: the policy knows them after next()
     with timer_counter(self.counters, "segment_all"):
       while True:
         with timer_counter(self.counters, "seed-policy"):
           pos = next(self.seed_policy, None)
         if progress is None and self.seed_policy.coords is not None:
-          progress = Progress(len(self.seed_policy.coords), "inference seeds", unit="seed",
-                              log_every_s=30.0)
+          progress = _SeedProgress(self, self.seed_policy, resumed_at)
         if progress is not None:
-          progress.update(self.seed_policy.idx - progress.count)
+          progress.update()
         if pos is None:
           break
         if not (self.is_valid_pos(pos, ignore_move_threshold=True) and not self._restricted(pos)
@@ -261,6 +343,7 @@ class Canvas:
       self.counters.increment("invalid-small-time-ms", t_seg * 1000)
       return
     self.counters.increment("voxels-segmented", voxels)
+    self.segmented_voxels += voxels
     self.counters.increment("voxels-overlapping", raw_voxels - voxels)
     sid = self.get_next_segment_id()
     self.segmentation[sel][mask] = sid
@@ -299,7 +382,8 @@ class Canvas:
           min_pos=self._min_pos, max_pos=self._max_pos,
           history=np.zeros((0, 3), np.int64), history_deleted=np.zeros(0, np.int64),
           seed_policy_state=_boxed(policy_state),
-          counters=self.counters.dumps(), partial_segment_iters=partial_segment_iters)
+          counters=self.counters.dumps(), partial_segment_iters=partial_segment_iters,
+          **self.result_extras())
     _log.info("checkpoint saved: %s (%d objects so far)", path, len(self.origins))
 
   def restore_checkpoint(self, path: str) -> int:
@@ -318,6 +402,66 @@ class Canvas:
       self._seed_policy_state = data["seed_policy_state"].item()
       self.counters.loads(str(data["counters"]))
       partial = int(data["partial_segment_iters"]) if "partial_segment_iters" in data else 0
+      if "local_to_global_ids" in data:
+        self.local_to_global_ids = np.asarray(data["local_to_global_ids"], dtype=np.uint64)
     _log.info("restored checkpoint %s: %d objects, in-flight evaluations %d",
               os.path.basename(path), len(self.origins), partial)
     return partial
+
+
+class _SeedProgress:
+  """Progress over a seed policy's candidates, with an ETA from the seeds that still matter.
+
+  Seeds are consumed unevenly: early ones grow large objects (slow), late ones mostly fall on
+  voxels already segmented and are skipped at once, so an ETA from the seed count is far too
+  pessimistic early on. *Live* seeds are the remaining candidates that are inside the margin, not
+  masked, and on a voxel that is not segmented (id <= 0); only they can still cost network
+  evaluations. Live seeds disappear either by being tried or by being covered by a new object; the
+  ETA is ``live * elapsed / (live at start - live now)``, i.e. the remaining live seeds times the
+  time per live seed tried, scaled by the fraction of live seeds that were tried rather than
+  covered so far. Cost: one gather over the remaining candidates (not the volume) per report, at
+  most every ``Progress`` refresh and never more often than 100x its own duration.
+  """
+
+  def __init__(self, canvas: Canvas, policy: BaseSeedPolicy, resumed_at: int = 0):
+    """``resumed_at``: candidates already done before this run (restored from a checkpoint)."""
+    self.canvas, self.policy = canvas, policy
+    coords = np.asarray(policy.coords, dtype=np.int64).reshape(-1, 3)
+    margin, shape = np.asarray(canvas.margin), np.asarray(canvas.shape)
+    ok = np.all(coords - margin >= 0, axis=1) & np.all(coords + margin < shape, axis=1)
+    for mask in (canvas.restrictor_mask, canvas.seed_mask):
+      if mask is not None and ok.any():
+        ok[ok] &= ~mask[tuple(coords[ok].T)]
+    self._index = np.flatnonzero(ok)  # candidate numbers, ascending
+    self._flat = np.ravel_multi_index(tuple(coords[ok].T), canvas.shape) if ok.any() \
+        else np.zeros(0, np.int64)
+    self._voxels = int(np.prod(canvas.shape))
+    self._next_at, self._cached = 0.0, 0
+    self.live_start = self.live()
+    self.start = time.monotonic()
+    self.progress = Progress(len(coords), "inference seeds", unit="seed",
+                             log_every_s=Canvas.PROGRESS_LOG_EVERY_S, initial=resumed_at,
+                             estimate=self.estimate)
+
+  def live(self) -> int:
+    """Remaining candidates (not yet yielded) that can still start an object."""
+    first = np.searchsorted(self._index, self.policy.idx)
+    return int(np.count_nonzero(self.canvas.segmentation.reshape(-1)[self._flat[first:]] <= 0))
+
+  def estimate(self) -> tuple[float | None, str]:
+    """(ETA in seconds or None, detail text) for :class:`~ffn.progress.Progress`."""
+    now = time.monotonic()
+    if now >= self._next_at:
+      self._cached = self.live()
+      self._next_at = now + 100 * (time.monotonic() - now)
+    live, drained = self._cached, self.live_start - self._cached
+    eta = live * (now - self.start) / drained if drained > 0 else None
+    done = 100.0 * self.canvas.segmented_voxels / max(self._voxels, 1)
+    return eta, f"{len(self.canvas.origins)} objects, {done:.1f}% voxels segmented, {live} live seeds"
+
+  def update(self) -> None:
+    self.progress.update(self.policy.idx - self.progress.count)
+
+  def close(self) -> None:
+    self._next_at = 0.0  # the final report counts afresh
+    self.progress.close()

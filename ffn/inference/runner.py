@@ -9,6 +9,7 @@ saves a checkpoint at the next network evaluation and raises
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,8 @@ from ffn.errors import FFNError
 from ffn.inference import inference_pb2, storage
 from ffn.inference.canvas import Canvas, Predictor
 from ffn.inference.counters import Counters, timer_counter
-from ffn.inference.masks import build_mask
+from ffn.inference.masks import ShiftMask, build_mask, read_labels
+from ffn.inference.request import hdf5_spec
 from ffn.inference.seed import make_policy
 from ffn.io.volumes import Volume, check_box_inside, check_dtype
 
@@ -39,7 +41,12 @@ def image_spec(request: inference_pb2.InferenceRequest) -> str:
 
 
 def check_request(request: inference_pb2.InferenceRequest) -> None:
-  """Checks what can be checked without loading anything big; raises FFNError on the first problem."""
+  """Checks what can be checked without loading anything big; raises FFNError on the first problem.
+
+  Logs one warning naming the set fields that are ignored here although google/ffn acts on them
+  (:func:`ignored_request_fields`), and one naming those google/ffn HEAD ignores too
+  (:func:`google_ignored_request_fields`).
+  """
   image_spec(request)
   if not request.segmentation_output_dir:
     raise FFNError("inference request: segmentation_output_dir is not set")
@@ -53,31 +60,86 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
     if not 0.0 < value < 1.0:
       raise FFNError(f"inference request: inference_options.{name} must be a probability in (0, 1), "
                      f"got {value}")
+  if not math.isfinite(opts.consistency_threshold):
+    raise FFNError("inference request: inference_options.consistency_threshold must be a number, "
+                   f"got {opts.consistency_threshold}")
   if request.movement_policy_name not in ("", "FaceMaxMovementPolicy", "movement.FaceMaxMovementPolicy"):
     raise FFNError(f"inference request: movement_policy_name {request.movement_policy_name!r} is not "
                    "supported (only FaceMaxMovementPolicy)")
   make_policy(request.seed_policy, request.seed_policy_args)
+  _check_alignment(request)
+  if request.HasField("init_segmentation"):
+    hdf5_spec(request.init_segmentation, "init_segmentation")
+  _check_shift_mask(request)
   ignored = ignored_request_fields(request)
   if ignored:
     _log.warning("inference request: these fields are set but not implemented, and are ignored: %s",
                  ", ".join(ignored))
+  unused = google_ignored_request_fields(request)
+  if unused:
+    _log.warning("inference request: these fields are set but ignored, as google/ffn (HEAD) ignores "
+                 "them too: %s", ", ".join(unused))
+
+
+def _check_alignment(request: inference_pb2.InferenceRequest) -> None:
+  """Only NO_ALIGNMENT: google/ffn raises NotImplementedError for any other type (UNKNOWN_ALIGNMENT
+  included, when it is set explicitly)."""
+  kind = request.alignment_options.type  # NO_ALIGNMENT when unset
+  if kind != inference_pb2.AlignmentOptions.NO_ALIGNMENT:
+    try:
+      name = inference_pb2.AlignmentOptions.AlignType.Name(kind)
+    except ValueError:
+      name = str(kind)
+    raise FFNError(f"inference request: alignment_options.type {name} is not supported (only "
+                   "NO_ALIGNMENT; google/ffn does not implement other alignments either)")
+
+
+def _shift_mask_spec(request: inference_pb2.InferenceRequest) -> str | None:
+  """The shift mask's ``file.h5:dataset``, or None when there is none (google ignores a
+  ``shift_mask`` message without a volume path)."""
+  if not request.HasField("shift_mask") or request.shift_mask.WhichOneof("volume_path") is None:
+    return None
+  return hdf5_spec(request.shift_mask, "shift_mask")
+
+
+def _check_shift_mask(request: inference_pb2.InferenceRequest) -> None:
+  if _shift_mask_spec(request) is None:
+    return
+  if request.HasField("shift_mask_scale") and request.shift_mask_scale <= 0:
+    raise FFNError(f"inference request: shift_mask_scale must be positive, got {request.shift_mask_scale}")
+  if not request.HasField("shift_mask_threshold") or request.shift_mask_threshold <= 0:
+    raise FFNError("inference request: shift_mask_threshold must be set and positive when shift_mask is "
+                   "given (google/ffn would use 0 and block every position)")
+  if request.HasField("shift_mask_fov"):
+    size = request.shift_mask_fov.size
+    if min(size.x, size.y, size.z) <= 0:
+      raise FFNError("inference request: shift_mask_fov.size must be positive in x, y and z, got "
+                     f"{[size.x, size.y, size.z]}")
 
 
 def ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
-  """Names of fields google/ffn would act on that this runner does not implement (yet)."""
-  ignored = [name for name in ("reference_histogram", "shift_mask", "self_prediction",
-                               "init_segmentation") if request.HasField(name)]
-  if request.histogram_masks:
-    ignored.append("histogram_masks")
-  if request.HasField("alignment_options") and request.alignment_options.type not in (
-      inference_pb2.AlignmentOptions.NO_ALIGNMENT, inference_pb2.AlignmentOptions.UNKNOWN_ALIGNMENT):
-    ignored.append("alignment_options")
-  if request.inference_options.HasField("consistency_threshold"):
-    ignored.append("inference_options.consistency_threshold")
-  for name in ("batch_size", "concurrent_requests"):  # google's executor settings; one canvas here
-    if getattr(request, name) > 1:
-      ignored.append(name)
+  """Names of set fields google/ffn would act on that this runner does not implement.
+
+  ``alignment_options.save_raw`` (google writes the aligned image next to the result) and
+  ``movement_policy_args`` (google's FaceMaxMovementPolicy ``deltas``/``score_threshold``
+  overrides). ``batch_size``/``concurrent_requests`` are honoured by ``ffn run_inference``
+  (:mod:`ffn.inference.executor`), not by a Runner on its own.
+  """
+  ignored = []
+  if request.alignment_options.save_raw:
+    ignored.append("alignment_options.save_raw")
+  if request.movement_policy_args:
+    ignored.append("movement_policy_args")
   return ignored
+
+
+def google_ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
+  """Names of set fields that google/ffn HEAD ignores as well (its older Runner used them for
+  histogram matching and self-prediction halting; both were removed)."""
+  unused = [name for name in ("reference_histogram", "self_prediction") if request.HasField(name)]
+  if request.histogram_masks:
+    unused.append("histogram_masks")
+  return unused
 
 
 class Runner:
@@ -142,13 +204,39 @@ class Runner:
     corner = xyz_to_zyx(box.start)
     mask = build_mask(self.request.masks, raw, "masks", corner)
     seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
+    shift_mask = self._shift_mask(corner, image.shape)
     _, _, cpoint = self.paths(box)
     canvas = Canvas(image, self.request.inference_options, predict or self.predict, self.fov_size_zyx,
                     self.deltas_zyx, corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
+                    shift_mask=shift_mask,
                     checkpoint_path=cpoint, checkpoint_interval_sec=self.request.checkpoint_interval,
                     counters=self.counters if counters is None else counters)
+    if self.request.HasField("init_segmentation"):
+      spec = hdf5_spec(self.request.init_segmentation, "init_segmentation")
+      with timer_counter(self.counters, "load-init-segmentation"):
+        labels = read_labels(spec, "init_segmentation", corner, image.shape)
+      canvas.init_segmentation(labels, f"{spec} (init_segmentation)")
     canvas.stop_requested = self.stop_requested
     return canvas
+
+  def _shift_mask(self, corner_zyx, shape_zyx) -> ShiftMask | None:
+    """The request's shift mask for the box at ``corner_zyx`` (google's ``make_restrictor`` part,
+    no alignment). ``shift_mask_scale`` unset means 1; ``shift_mask_fov`` unset means the
+    network's FoV centred on the position."""
+    spec = _shift_mask_spec(self.request)
+    if spec is None:
+      return None
+    scale = self.request.shift_mask_scale if self.request.HasField("shift_mask_scale") else 1
+    if self.request.HasField("shift_mask_fov"):
+      fov = self.request.shift_mask_fov
+      start = xyz_to_zyx((fov.start.x, fov.start.y, fov.start.z))
+      size = xyz_to_zyx((fov.size.x, fov.size.y, fov.size.z))
+    else:
+      size = tuple(int(n) for n in self.fov_size_zyx)
+      start = tuple(-(n // 2) for n in size)
+    with timer_counter(self.counters, "load-shift-mask"):
+      return ShiftMask.load(spec, corner_zyx, shape_zyx, scale, self.request.shift_mask_threshold,
+                            start, size)
 
   def request_stop(self) -> None:
     """Asks a running segmentation to checkpoint and stop (safe to call from a signal handler)."""
@@ -207,4 +295,5 @@ class Runner:
     storage.save_probability(canvas.seg_prob, prob_path)
     storage.save_subvolume(labels, canvas.origins, seg_path,
                            request=self.request.SerializeToString(),
-                           counters=canvas.counters.dumps(), overlaps=canvas.overlaps)
+                           counters=canvas.counters.dumps(), overlaps=canvas.overlaps,
+                           **canvas.result_extras())
