@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
-from ffn.training.distributed import async_cluster, port_base_for
+from ffn.errors import FFNError
+from ffn.training.distributed import port_base_for, slurm_resolver
 from slurm.executor import slurm_available
 
 SLURM = slurm_available()
@@ -59,18 +60,90 @@ def _job_id(stdout: str) -> str:
   return match.group(1)
 
 
+def _node() -> str:
+  """The Slurm node name of the local test cluster (its only node)."""
+  return subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
 def _task_logs(train_dir: Path, job_id: str) -> list[str]:
   folder = train_dir / "logs" / job_id
   return [(folder / f"{job_id}_{i}_log.out").read_text() + (folder / f"{job_id}_{i}_log.err").read_text()
           for i in range(len(list(folder.glob(f"{job_id}_*_log.out"))))]
 
 
-def test_layout_helpers():
+def test_port_base_for():
   base = port_base_for("123456")
   assert 20000 <= base < 40000 and base % 16 == 0 and base != port_base_for("123457")
   assert port_base_for("77_3") == port_base_for("77")
-  cluster = async_cluster(["a:1", "a:2", "b:1", "b:2"], num_ps=1)
-  assert cluster == {"chief": ["a:1"], "ps": ["a:2"], "worker": ["b:1", "b:2"]}
+
+
+def _fake_step(monkeypatch, nodelist: str, tasks_per_node: str, nodes: list[str], per_node: int,
+               rank: int, distribution: str = "block") -> None:
+  """The variables srun sets for task ``rank`` of a block-distributed step (``per_node`` tasks on
+  each of ``nodes``). Only for the pure cluster-spec tests below: the jobs above run real Slurm."""
+  for key in list(os.environ):
+    if key.startswith(("SLURM_", "SLURMD_")):
+      monkeypatch.delenv(key)
+  monkeypatch.setenv("SLURM_STEP_NODELIST", nodelist)
+  monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", tasks_per_node)
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", str(len(nodes) * per_node))
+  monkeypatch.setenv("SLURM_DISTRIBUTION", distribution)
+  monkeypatch.setenv("SLURM_PROCID", str(rank))
+  monkeypatch.setenv("SLURMD_NODENAME", nodes[rank // per_node])
+  monkeypatch.setenv("SLURM_LOCALID", str(rank % per_node))
+
+
+@pytest.mark.parametrize("nodelist,tasks_per_node,nodes,per_node,jobs,port,expected,roles", [
+    # sync: 2 nodes x 2 tasks, all workers (MultiWorkerMirroredStrategy)
+    ("n[1-2]", "2(x2)", ["n1", "n2"], 2, {"worker": 4}, 20000,
+     {"worker": ["n1:20000", "n1:20001", "n2:20000", "n2:20001"]},
+     [("worker", 0), ("worker", 1), ("worker", 2), ("worker", 3)]),
+    # async, one node: coordinator, 1 parameter server, 2 workers (the test job below)
+    ("vm", "4", ["vm"], 4, {"chief": 1, "ps": 1, "worker": 2}, 30016,
+     {"chief": ["vm:30016"], "ps": ["vm:30017"], "worker": ["vm:30018", "vm:30019"]},
+     [("chief", 0), ("ps", 0), ("worker", 0), ("worker", 1)]),
+    # async, 2 zero-padded nodes x 3 tasks, 2 parameter servers
+    ("gpu[07-08]", "3(x2)", ["gpu07", "gpu08"], 3, {"chief": 1, "ps": 2, "worker": 3}, 21000,
+     {"chief": ["gpu07:21000"], "ps": ["gpu07:21001", "gpu07:21002"],
+      "worker": ["gpu08:21000", "gpu08:21001", "gpu08:21002"]},
+     [("chief", 0), ("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1), ("worker", 2)]),
+])
+def test_slurm_resolver_layouts(monkeypatch, nodelist, tasks_per_node, nodes, per_node, jobs, port,
+                                expected, roles):
+  """SlurmClusterResolver's cluster and each rank's task type/id from a faked job step; GPUs are
+  reported as given and CUDA_VISIBLE_DEVICES is left to _share_gpus."""
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+  for rank, role in enumerate(roles):
+    _fake_step(monkeypatch, nodelist, tasks_per_node, nodes, per_node, rank)
+    resolver = slurm_resolver(jobs, port, task_gpus=rank % 2)
+    assert isinstance(resolver, tf.distribute.cluster_resolver.SlurmClusterResolver)
+    assert resolver.cluster_spec().as_dict() == expected
+    assert (resolver.task_type, resolver.task_id) == role
+    assert resolver.num_accelerators() == {"GPU": rank % 2}
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+@pytest.mark.parametrize("nodelist,distribution,message", [
+    ("n[9-10]", "block", "orders the nodes of this job step by name (n10,n9), Slurm numbers their "
+                         "tasks in the order n9,n10"),
+    ("n[1-2]", "cyclic", "expects Slurm's block task distribution across nodes, this job step uses "
+                         "SLURM_DISTRIBUTION=cyclic"),
+])
+def test_slurm_resolver_refuses_mismatched_placement(monkeypatch, nodelist, distribution, message):
+  nodes = [f"n{i}" for i in ((9, 10) if "9" in nodelist else (1, 2))]
+  for rank in range(2):  # every task fails the same way
+    _fake_step(monkeypatch, nodelist, "1(x2)", nodes, 1, rank, distribution)
+    with pytest.raises(FFNError, match=re.escape(message)):
+      slurm_resolver({"worker": 2}, 20000, task_gpus=0)
+
+
+def test_slurm_resolver_outside_a_step(monkeypatch):
+  for key in list(os.environ):
+    if key.startswith("SLURM"):
+      monkeypatch.delenv(key)
+  with pytest.raises(FFNError, match="SLURM_PROCID not found in environment"):
+    slurm_resolver({"worker": 2}, 20000, task_gpus=0)
 
 
 def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
@@ -79,6 +152,12 @@ def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert "needs --num_ps >= 1 and at least num_ps + 2 tasks" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("ffn slurm_train: error: --strategy async")
+  proc = _slurm_train(_flags(crop_data, tmp_path / "run", 5, "--tasks_per_node", "2", "--cluster", "local"))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "ffn slurm_train: error: 2 tasks need --cluster slurm: they find each other through tf.distribute's "
+      "SlurmClusterResolver, which reads the Slurm job step; the local cluster runs one task "
+      "(--tasks_per_node 1)")
 
 
 @pytest.mark.slurm
@@ -95,7 +174,12 @@ def test_sync_two_tasks(crop_data, tmp_path):
   logs = _task_logs(train_dir, job_id)
   assert len(logs) == 2
   taken = []
+  base, host = port_base_for(job_id), _node()
   for rank, log in enumerate(logs):
+    cluster = f"{{'worker': ['{host}:{base}', '{host}:{base + 1}']}}"
+    assert f"SlurmClusterResolver: this task is worker {rank} of {cluster}" in log, log
+    assert (f"MultiWorkerMirroredStrategy with cluster_spec = {cluster}, task_type = 'worker', "
+            f"task_id = {rank}") in log, log
     assert "2 replicas: batch 2 per replica, global batch 4" in log, log
     done = re.search(rf"worker {rank}/2 done at step 30: (\d+) examples taken", log)
     assert done, log
@@ -132,6 +216,11 @@ def test_async_parameter_server(crop_data, tmp_path):
   logs = _task_logs(train_dir, job_id)
   assert len(logs) == 4
   assert "coordinator done: step 40" in logs[0], logs[0]
+  base, host = port_base_for(job_id), _node()
+  cluster = (f"{{'chief': ['{host}:{base}'], 'ps': ['{host}:{base + 1}'], "
+             f"'worker': ['{host}:{base + 2}', '{host}:{base + 3}']}}")
+  for rank, role in enumerate(["chief 0", "ps 0", "worker 0", "worker 1"]):
+    assert f"SlurmClusterResolver: this task is {role} of {cluster}" in logs[rank], logs[rank]
   assert "ps 0 serving" in logs[1]
   assert "worker 0 serving" in logs[2] and "worker 1 serving" in logs[3]
   assert "2 replicas: batch 2 per replica, global batch 4" in logs[0]

@@ -7,22 +7,49 @@ how to follow it. Every task of the job runs :class:`DistributedTraining`:
 
 * ``--strategy sync`` (default): one task -> ``tf.distribute.MirroredStrategy`` over the task's
   devices (all GPUs of the node, or the CPU); several tasks (per node or across nodes) ->
-  ``MultiWorkerMirroredStrategy`` with the task list of the allocation. Gradients are averaged
-  over all replicas every step. Only task 0 (the chief) writes checkpoints and summaries to
-  ``--train_dir``; the others save into a scratch directory that they delete.
-* ``--strategy async``: ``ParameterServerStrategy``. Task 0 is the coordinator (chief), tasks
-  1..``--num_ps`` are parameter servers, the remaining tasks workers (at least one); the
-  parameter servers and workers are ``tf.distribute.Server``s. The example stream (Python, h5py)
-  runs on the coordinator, which keeps one set of batch slots per worker and schedules their
-  steps with a ``ClusterCoordinator``: each worker applies its own updates to the variables on
-  the parameter servers without waiting for the others.
+  ``MultiWorkerMirroredStrategy`` over the cluster of ``SlurmClusterResolver(jobs={"worker": n})``.
+  Gradients are averaged over all replicas every step. Only task 0 (the chief) writes checkpoints
+  and summaries to ``--train_dir``; the others save into a scratch directory that they delete.
+* ``--strategy async``: ``ParameterServerStrategy`` over the cluster of
+  ``SlurmClusterResolver(jobs={"chief": 1, "ps": num_ps, "worker": n - 1 - num_ps})``. The
+  resolver numbers the jobs in sorted order (chief < ps < worker), so task 0 is the coordinator
+  (chief), tasks 1..``--num_ps`` are parameter servers and the remaining tasks workers (at least
+  one); the parameter servers and workers are ``tf.distribute.Server``s. The example stream
+  (Python, h5py) runs on the coordinator, which keeps one set of batch slots per worker and
+  schedules their steps with a ``ClusterCoordinator``: each worker applies its own updates to the
+  variables on the parameter servers without waiting for the others.
 
 Batch size: ``--batch_size`` is per replica; the global batch is ``batch_size x replicas``
 (replicas: all devices of all tasks for sync, the workers for async). ``--scale_lr_with_replicas``
 multiplies ``--learning_rate`` by the number of replicas (the linear scaling rule).
 
-Ports: task ``i`` on a node listens on ``--port_base + i``; by default the port base is derived
-from the job id (``20000 + job_id % 20000``, stepping by 16), so that jobs sharing a node differ.
+Cluster: tasks find each other through ``tf.distribute.cluster_resolver.SlurmClusterResolver``
+(:func:`slurm_resolver`), which reads the job *step* that submitit's ``srun`` starts
+(``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_STEP_NODELIST``,
+``SLURM_STEP_TASKS_PER_NODE``); several tasks therefore need ``--cluster slurm`` (the local
+cluster runs one task). Where the resolver does not fit, we say so or adapt explicitly:
+
+* Rank order. The resolver gives rank ``SLURM_PROCID`` the ``rank``-th address of its list, which
+  it builds from the nodes *sorted by name*, ``tasks on the node`` consecutive ports each; Slurm
+  places ranks in the order of the step's node list (block distribution). The two agree on one
+  node and on nodes whose names sort in Slurm's order (``node[01-16]``), not on e.g.
+  ``node[9-10]`` (Python sorts ``node10`` first) or with a cyclic/plane/arbitrary distribution.
+  Renumbering the tasks would make the chief another task than ``SLURM_PROCID`` 0, the one
+  submitit checkpoints and requeues from, so every task checks instead that the resolver's address
+  for it is its own node and ``port_base + SLURM_LOCALID``, and fails with :class:`FFNError`
+  saying why when it is not.
+* GPUs. The resolver hands GPUs out as ``0..gpus_per_node-1`` (``auto_set_gpu``), which is wrong
+  where Slurm lists the node's physical ids (``CUDA_VISIBLE_DEVICES=2,3`` without device
+  cgroups), and cannot lay out CPU-only tasks (``gpus_per_task=0`` fails, and without
+  ``CUDA_VISIBLE_DEVICES`` it runs ``nvidia-smi``). One mechanism sets the devices: before the
+  resolver is built, :func:`_share_gpus` gives each task of a node its share of the GPUs Slurm made
+  visible; the resolver runs with ``auto_set_gpu=False`` and one layout slot per task
+  (``gpus_per_task=1``, ``gpus_per_node`` = tasks of the step), and reports the GPUs TF sees in
+  this task as its ``num_accelerators()`` (what ``MultiWorkerMirroredStrategy`` replicates over).
+
+Ports: task ``i`` on a node listens on ``--port_base + i`` (the resolver's ``port_base``); by
+default the port base is derived from the job id (``20000 + job_id % 1250 * 16``), so that jobs
+sharing a node differ.
 
 Preemption: submitit asks Slurm for ``USR2`` 90 s before the time limit (and ``scancel --signal
 USR2`` simulates a preemption); task 0 then calls :meth:`DistributedTraining.checkpoint`, which
@@ -41,12 +68,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from ffn.errors import FFNError
 from ffn.training import cli as train_cli
+
+if TYPE_CHECKING:
+  from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import SlurmClusterResolver
 
 _log = logging.getLogger("ffn.training")
 
@@ -95,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
   cfg.train_dir = os.path.abspath(cfg.train_dir)
   os.makedirs(cfg.train_dir, exist_ok=True)
   executor = make_executor(options, cfg.train_dir)
+  if executor.cluster != "slurm" and tasks > 1:
+    raise FFNError(f"{tasks} tasks need --cluster slurm: they find each other through "
+                   f"tf.distribute's SlurmClusterResolver, which reads the Slurm job step; the "
+                   f"{executor.cluster} cluster runs one task (--tasks_per_node 1)")
   if executor.cluster == "slurm":
     # Slurm's own SIGTERM at the time limit comes after submitit's USR2; make the gap explicit.
     executor.update_parameters(slurm_signal_delay_s=90)
@@ -128,27 +162,51 @@ def port_base_for(job_id: str) -> int:
   return 20000 + (int(digits) % 1250) * 16
 
 
-def task_addresses(env: submitit.JobEnvironment, port_base: int) -> list[str]:
-  """``host:port`` of every task of the job, by global rank (Slurm's block distribution)."""
-  hosts = list(env.hostnames)
-  per_node = env.num_tasks // max(env.num_nodes, 1)
-  if per_node * env.num_nodes != env.num_tasks or len(hosts) < env.num_nodes:
-    raise FFNError(f"job {env.job_id}: {env.num_tasks} tasks on {env.num_nodes} nodes ({hosts}) is "
-                   "not the same number of tasks on every node")
-  return [f"{hosts[r // per_node]}:{port_base + r % per_node}" for r in range(env.num_tasks)]
+def slurm_resolver(jobs: dict[str, int], port_base: int, task_gpus: int) -> SlurmClusterResolver:
+  """TF's ``SlurmClusterResolver`` for this task of the current Slurm job step.
 
+  ``jobs``: TF job name -> number of tasks (the resolver numbers them in sorted name order).
+  ``port_base``: port of the first task on each node. ``task_gpus``: the GPUs this task uses
+  (after :func:`_share_gpus`), reported as the resolver's ``num_accelerators()``. GPU placement
+  and the rank order are handled as the module docstring describes; the returned resolver has
+  resolved its cluster (``task_type``/``task_id`` set) and was checked against Slurm's placement.
+  """
+  import tensorflow as tf
+  from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_hostlist
 
-def async_cluster(addresses: list[str], num_ps: int) -> dict[str, list[str]]:
-  """Task 0: chief (coordinator); the next ``num_ps``: parameter servers; the rest: workers."""
-  return {"chief": addresses[:1], "ps": addresses[1:1 + num_ps], "worker": addresses[1 + num_ps:]}
+  class TaskSlurmClusterResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+    """``SlurmClusterResolver`` that reports the task's own GPUs instead of its layout slots."""
 
+    def num_accelerators(self, task_type: str | None = None, task_id: int | None = None,
+                         config_proto: Any = None) -> dict[str, int]:
+      del task_type, task_id, config_proto
+      return {"GPU": task_gpus}
 
-def _role(rank: int, num_ps: int) -> tuple[str, int]:
-  if rank == 0:
-    return "chief", 0
-  if rank <= num_ps:
-    return "ps", rank - 1
-  return "worker", rank - 1 - num_ps
+  try:
+    resolver = TaskSlurmClusterResolver(jobs=dict(jobs), port_base=port_base,
+                                        gpus_per_node=sum(jobs.values()), gpus_per_task=1,
+                                        auto_set_gpu=False, rpc_layer="grpc")
+    spec = resolver.cluster_spec()
+    nodes = expand_hostlist(os.environ["SLURM_STEP_NODELIST"])
+  except (RuntimeError, ValueError) as e:
+    raise FFNError(f"SlurmClusterResolver: {e}") from e
+  if len(nodes) > 1 and nodes != sorted(nodes):
+    raise FFNError(f"SlurmClusterResolver orders the nodes of this job step by name "
+                   f"({','.join(sorted(nodes))}), Slurm numbers their tasks in the order "
+                   f"{','.join(nodes)}: task addresses would not match; run on one node or on nodes "
+                   "whose names sort in Slurm's order (e.g. zero-padded)")
+  distribution = os.environ.get("SLURM_DISTRIBUTION", "block")
+  if len(nodes) > 1 and not distribution.startswith("block"):
+    raise FFNError(f"SlurmClusterResolver expects Slurm's block task distribution across nodes, "
+                   f"this job step uses SLURM_DISTRIBUTION={distribution}")
+  own = (f"{os.environ.get('SLURMD_NODENAME', '?')}:"
+         f"{port_base + int(os.environ.get('SLURM_LOCALID', '0'))}")
+  address = spec.task_address(resolver.task_type, resolver.task_id)
+  if address != own:
+    raise FFNError(f"SlurmClusterResolver places task {os.environ.get('SLURM_PROCID')} "
+                   f"({resolver.task_type} {resolver.task_id}) at {address}, but Slurm started it "
+                   f"at {own} (SLURMD_NODENAME:port_base+SLURM_LOCALID)")
+  return resolver
 
 
 class DistributedTraining(submitit.helpers.Checkpointable):
@@ -171,14 +229,22 @@ class DistributedTraining(submitit.helpers.Checkpointable):
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     env = submitit.JobEnvironment()
-    port_base = self.port_base if self.port_base is not None else port_base_for(env.job_id)
-    addresses = task_addresses(env, port_base)
-    _log.info("job %s task %d/%d on %s; tasks: %s", env.job_id, env.global_rank, env.num_tasks,
-              env.hostname, ",".join(addresses))
+    _log.info("job %s task %d/%d on %s", env.job_id, env.global_rank, env.num_tasks, env.hostname)
     _share_gpus(env)
+    if self.strategy == "sync" and env.num_tasks == 1:
+      return self._run_sync(env, None)
+    import tensorflow as tf
+    port_base = self.port_base if self.port_base is not None else port_base_for(env.job_id)
     if self.strategy == "sync":
-      return self._run_sync(env, addresses)
-    return self._run_async(env, addresses)
+      jobs = {"worker": env.num_tasks}
+    else:
+      jobs = {"chief": 1, "ps": self.num_ps, "worker": env.num_tasks - 1 - self.num_ps}
+    resolver = slurm_resolver(jobs, port_base, len(tf.config.list_physical_devices("GPU")))
+    _log.info("SlurmClusterResolver: this task is %s %d of %s", resolver.task_type, resolver.task_id,
+              resolver.cluster_spec().as_dict())
+    if self.strategy == "sync":
+      return self._run_sync(env, resolver)
+    return self._run_async(env, resolver)
 
   def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
     """Called by submitit on task 0 at preemption/time-out: saves, then resubmits ``self``."""
@@ -205,47 +271,44 @@ class DistributedTraining(submitit.helpers.Checkpointable):
                          trainer.model.deltas, cfg.image_mean, cfg.image_stddev, cfg.permutable_axes,
                          cfg.reflectable_axes, cfg.seed)
 
-  def _run_sync(self, env: submitit.JobEnvironment, addresses: list[str]) -> int:
+  def _run_sync(self, env: submitit.JobEnvironment, resolver: SlurmClusterResolver | None) -> int:
+    """``resolver``: a :func:`slurm_resolver` with one ``worker`` job, or None for one task."""
     import tensorflow as tf
     from ffn.training.trainer import Trainer
-    if env.num_tasks == 1:
-      strategy = tf.distribute.MirroredStrategy()
+    if resolver is None:
+      strategy, worker = tf.distribute.MirroredStrategy(), 0
     else:
-      resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-          tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=env.global_rank,
-          rpc_layer="grpc")
       strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+      worker = resolver.task_id
     cfg = self._config(strategy.num_replicas_in_sync)
-    trainer = self._trainer = Trainer(cfg, strategy, worker=env.global_rank, num_workers=env.num_tasks)
+    trainer = self._trainer = Trainer(cfg, strategy, worker=worker, num_workers=env.num_tasks)
     try:
       trainer.restore_or_init()
       if trainer.is_chief:
         trainer.write_flags()
       trainer.attach_data(self._source(trainer))
       status = trainer.run()
-      _log.info("worker %d/%d done at step %d: %d examples taken by this worker", env.global_rank,
+      _log.info("worker %d/%d done at step %d: %d examples taken by this worker", worker,
                 env.num_tasks, int(trainer.step.numpy()), int(trainer.examples_taken.numpy()))
       return status
     finally:
       trainer.close()
 
-  def _run_async(self, env: submitit.JobEnvironment, addresses: list[str]) -> int:
+  def _run_async(self, env: submitit.JobEnvironment, resolver: SlurmClusterResolver) -> int:
+    """``resolver``: a :func:`slurm_resolver` with the jobs ``chief``, ``ps`` and ``worker``."""
     import tensorflow as tf
-    cluster = async_cluster(addresses, self.num_ps)
-    spec = tf.train.ClusterSpec(cluster)
-    role, index = _role(env.global_rank, self.num_ps)
+    role, index = resolver.task_type, resolver.task_id
     done_file = Path(self.config["train_dir"]) / f".async-done-{env.job_id}"
     if role != "chief":
-      server = tf.distribute.Server(spec, job_name=role, task_index=index, protocol="grpc", start=True)
+      server = tf.distribute.Server(resolver.cluster_spec(), job_name=role, task_index=index,
+                                    protocol=resolver.rpc_layer, start=True)
       _log.info("%s %d serving at %s until the coordinator is done", role, index, server.target)
       while not done_file.exists():  # server.join() would never return; the job must end
         time.sleep(1.0)
       return 0
     try:
-      resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-          spec, task_type="chief", task_id=0, rpc_layer="grpc")
       strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
-      return AsyncTrainer(self, strategy, len(cluster["worker"])).run()
+      return AsyncTrainer(self, strategy, len(resolver.cluster_spec().job_tasks("worker"))).run()
     finally:
       done_file.write_text("done\n")
 
@@ -326,7 +389,12 @@ class AsyncTrainer:
 
 
 def _share_gpus(env: submitit.JobEnvironment) -> None:
-  """With several tasks per node and the node's GPUs visible to all, gives each task its share."""
+  """With several tasks per node and the node's GPUs visible to all, gives each task its share.
+
+  The only place where GPUs are assigned (``SlurmClusterResolver`` runs with
+  ``auto_set_gpu=False``): task ``SLURM_LOCALID`` keeps its slice of the ids Slurm listed, so
+  physical ids (no device cgroups) and cgroup-relative ones both stay right.
+  """
   visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
   per_node = env.num_tasks // max(env.num_nodes, 1)
   if per_node > 1 and len(visible) >= per_node and len(visible) % per_node == 0:
