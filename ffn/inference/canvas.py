@@ -8,7 +8,7 @@ for unsegmented voxels. The network is any ``predict(x[b,z,y,x,2]) -> logits[b,z
 Thresholds in the InferenceOptions are probabilities; they are converted to float32 logits once,
 as google/ffn stores them back into its float proto fields.
 
-Options beyond google/ffn HEAD's canvas:
+Request options handled here besides the thresholds:
 
 * ``consistency_threshold`` (> 0): :meth:`Canvas.update_at` evaluates the network repeatedly at the
   same position, feeding its own prediction back as the seed input, until the mean over the FoV of
@@ -16,12 +16,13 @@ Options beyond google/ffn HEAD's canvas:
   the threshold, at most ``MAX_SELF_CONSISTENT_ITERS`` (32) evaluations. The first comparison is
   against the seed as fed (unvisited voxels at ``pad_value``). The last prediction is kept even
   when it did not converge; the disconnected-seed freeze is applied to it afterwards. This is the
-  loop of google/ffn's older ``inference.py`` (2017-2018); google's current HEAD dropped it and
+  loop of google/ffn's older ``inference.py`` versions; google's current HEAD dropped it and
   ignores the option. 0 or unset: one evaluation per position (HEAD's behaviour).
-* an initial segmentation (:meth:`Canvas.init_segmentation`, google's
+* ``init_segmentation`` (:meth:`Canvas.init_segmentation`, google's
   ``init_segmentation_from_volume``): ids are made contiguous, the map to the original ids is kept
-  in ``local_to_global_ids`` and saved with the result (:mod:`ffn.inference.storage`).
-* a shift mask (:class:`ffn.inference.masks.ShiftMask`), checked wherever the restrictor mask is.
+  in ``local_to_global_ids`` and, unlike google, saved with the result (:mod:`ffn.inference.storage`).
+* ``shift_mask`` (:class:`ffn.inference.masks.ShiftMask`, google's ``MovementRestrictor``): checked
+  wherever the restrictor mask is, i.e. for seeds and for every FoV move.
 
 Progress (over candidate seeds) also reports the objects made, the fraction of voxels segmented,
 and the *live* seeds -- remaining candidates on unsegmented, unmasked voxels -- and bases its ETA
@@ -415,8 +416,8 @@ class _SeedProgress:
   Seeds are consumed unevenly: early ones grow large objects (slow), late ones mostly fall on
   voxels already segmented and are skipped at once, so an ETA from the seed count is far too
   pessimistic early on. *Live* seeds are the remaining candidates that are inside the margin, not
-  masked, and on a voxel that is not segmented (id <= 0); only they can still cost network
-  evaluations. Live seeds disappear either by being tried or by being covered by a new object; the
+  masked (restrictor and seed masks; the shift mask is not checked here), and on a voxel that is
+  not segmented (id <= 0); only they can still cost network evaluations. Live seeds disappear either by being tried or by being covered by a new object; the
   ETA is ``live * elapsed / (live at start - live now)``, i.e. the remaining live seeds times the
   time per live seed tried, scaled by the fraction of live seeds that were tried rather than
   covered so far. Cost: one gather over the remaining candidates (not the volume) per report, at

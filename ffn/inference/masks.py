@@ -12,6 +12,12 @@ shift between slice z and z+1, stored ``shift_mask_scale`` times coarser in y an
 The FoV may not be centred at a position if any distorted voxel lies in the box ``shift_mask_fov``
 around it (relative to the position, x,y,z proto; default: the network's FoV, centred). Only the
 no-alignment case exists here (google's ``alignment.transform_shift_mask`` is the identity then).
+Differences from google/ffn, on purpose: a position's coarse y/x index is computed from its global
+coordinate, ``(corner + pos) // scale - corner // scale``; google uses ``pos // scale``, the same
+when the subvolume corner is a multiple of the scale and off by ``corner % scale`` voxels
+otherwise. An FoV box that lies wholly before the subvolume start checks nothing (google's
+negative slice end would wrap around). The runner treats an unset ``shift_mask_scale`` as 1 and
+requires ``shift_mask_threshold`` (google would divide by 0, resp. use 0 and block everything).
 
 All arrays are z,y,x; protos give x,y,z.
 """
