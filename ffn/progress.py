@@ -42,7 +42,8 @@ class Progress:
   """
 
   def __init__(self, total: int | None, desc: str, unit: str = "it", log_every_s: float = 10.0,
-               initial: int = 0, estimate: Estimate | None = None, refresh_every_s: float = 2.0):
+               initial: int = 0, estimate: Estimate | None = None, refresh_every_s: float = 2.0,
+               bar: bool | None = None):
     self.total, self.desc, self.unit = total, desc, unit
     self.count = int(initial)
     self._initial = int(initial)
@@ -55,7 +56,9 @@ class Progress:
     self._eta: float | None = None
     self.detail = ""
     self._bar = None
-    if sys.stderr.isatty():
+    if bar is None:
+      bar = sys.stderr.isatty()
+    if bar:
       bar_format = None
       if estimate is not None:  # tqdm's own remaining-time field would be the count-based one
         bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"

@@ -81,6 +81,9 @@ class Canvas:
   """Segments one subvolume by flood filling from seeds (see the module docstring)."""
 
   PROGRESS_LOG_EVERY_S = 30.0  # seconds between progress log lines when stderr is not a terminal
+  # A tqdm bar for the seed progress: None = when stderr is a terminal; False = log lines only
+  # (set when several canvases run at once, whose bars would overwrite each other).
+  progress_bar: bool | None = None
 
   def __init__(self, image: np.ndarray, options, predict: Predictor, fov_size_zyx: Sequence[int],
                deltas_zyx: Sequence[int], *, corner_zyx: Sequence[int] = (0, 0, 0),
@@ -440,9 +443,10 @@ class _SeedProgress:
     self._next_at, self._cached = 0.0, 0
     self.live_start = self.live()
     self.start = time.monotonic()
-    self.progress = Progress(len(coords), "inference seeds", unit="seed",
-                             log_every_s=Canvas.PROGRESS_LOG_EVERY_S, initial=resumed_at,
-                             estimate=self.estimate)
+    corner = ",".join(str(v) for v in reversed(canvas.corner_zyx))
+    self.progress = Progress(len(coords), f"inference seeds (subvolume at x,y,z {corner})",
+                             unit="seed", log_every_s=Canvas.PROGRESS_LOG_EVERY_S,
+                             initial=resumed_at, estimate=self.estimate, bar=canvas.progress_bar)
 
   def live(self) -> int:
     """Remaining candidates (not yet yielded) that can still start an object."""

@@ -259,6 +259,8 @@ class Runner:
       return seg_path
     counters = Counters() if predict is not None else None
     canvas = self.make_canvas(box, predict=predict, counters=counters)
+    if predict is not None:
+      canvas.progress_bar = False  # other canvases may be running: log lines, not competing bars
     with self._lock:
       self._active_canvases.add(canvas)
       canvas.stop_requested |= self.stop_requested  # a stop that arrived while it was built
