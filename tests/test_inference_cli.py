@@ -8,6 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
+from ffn.errors import FFNError
+
 from ffn.cli import main
 
 GOOD = {
@@ -91,14 +93,41 @@ def test_missing_request_file(setup, capsys):
   assert code == 2 and "none.pbtxt: inference request file not found" in err
 
 
-def test_unimplemented_request_fields_are_named():
+def test_fields_google_ignores_are_named():
   from ffn.inference.request import parse_request
-  from ffn.inference.runner import google_ignored_request_fields, ignored_request_fields
+  from ffn.inference.runner import google_ignored_request_fields
   request = parse_request('image { hdf5: "a.h5:raw" } batch_size: 4 reference_histogram: "h.npy" '
                           'inference_options { consistency_threshold: 0.5 } '
                           'movement_policy_args: "{}" '
                           'alignment_options { type: NO_ALIGNMENT save_raw: true }')
-  assert ignored_request_fields(request) == ["alignment_options.save_raw", "movement_policy_args"]
   assert google_ignored_request_fields(request) == ["reference_histogram"]
   plain = parse_request('image { hdf5: "a.h5:raw" }')
-  assert ignored_request_fields(plain) == [] and google_ignored_request_fields(plain) == []
+  assert google_ignored_request_fields(plain) == []
+
+
+@pytest.mark.parametrize("args, expect", [
+    ('{"deltas": [4, 8, 8]}', {"deltas_zyx": (4, 8, 8)}),
+    ('{"score_threshold": 1.5, "deltas": [0, 2, 2]}', {"deltas_zyx": (0, 2, 2), "score_threshold": 1.5}),
+    ("", {}),
+])
+def test_movement_policy_args(args, expect):
+  from ffn.inference.request import parse_request
+  from ffn.inference.runner import movement_policy_kwargs
+  request = parse_request('image { hdf5: "a.h5:raw" }')
+  request.movement_policy_args = args
+  assert movement_policy_kwargs(request) == expect
+
+
+@pytest.mark.parametrize("args, expect", [
+    ('{"deltas": [4, 8]}', "deltas must be 3 integers"),
+    ('{"step": 3}', "JSON object with 'deltas'"),
+    ('{"score_threshold": "high"}', "score_threshold must be a number"),
+    ("{deltas", "not valid JSON"),
+])
+def test_bad_movement_policy_args(args, expect):
+  from ffn.inference.request import parse_request
+  from ffn.inference.runner import movement_policy_kwargs
+  request = parse_request('image { hdf5: "a.h5:raw" }')
+  request.movement_policy_args = args
+  with pytest.raises(FFNError, match=expect):
+    movement_policy_kwargs(request)

@@ -55,10 +55,14 @@ def test_executor_batches_calls_of_concurrent_clients_and_routes_results_back():
 
   n_clients, n_calls = 4, 20
   errors: list = []
-  with BatchExecutor(predict, batch_size=4, max_wait_s=5.0) as executor:
+  with BatchExecutor(predict, batch_size=4, max_wait_s=1.0) as executor:
+
+    start_line = threading.Barrier(n_clients)
 
     def work(k: int) -> None:
       with executor.client() as client:
+        client(np.zeros((1, 3, 3, 3, 2), np.float32))  # the first call registers the client
+        start_line.wait()  # then all step together, as the canvases of one run do
         for step in range(n_calls):
           x = np.full((1, 3, 3, 3, 2), 1000 * k + step, np.float32)
           out = client(x)
@@ -71,11 +75,11 @@ def test_executor_batches_calls_of_concurrent_clients_and_routes_results_back():
     for t in threads:
       t.join()
   assert not errors
-  assert sum(batch_sizes) == n_clients * n_calls
-  assert max(batch_sizes) == 4
-  # all four clients step in lockstep, so nearly every call is a full batch
-  assert len(batch_sizes) <= n_calls + 4
-  assert executor.counters["executor-inputs"] == n_clients * n_calls
+  assert sum(batch_sizes) == n_clients * (n_calls + 1)
+  # once all four are registered every batch waits (up to max_wait_s) for all four inputs
+  assert len(batch_sizes) <= n_calls + n_clients
+  assert batch_sizes[-n_calls:] == [4] * n_calls
+  assert executor.counters["executor-inputs"] == n_clients * (n_calls + 1)
 
 
 def test_executor_does_not_wait_for_a_client_that_has_finished():

@@ -442,3 +442,38 @@ def test_segment_all_reports_objects_voxels_and_live_seeds(caplog, monkeypatch):
   done = 100.0 * np.count_nonzero(canvas.segmentation > 0) / canvas.segmentation.size
   assert f"2 objects, {done:.1f}% voxels segmented, 0 live seeds" in lines[-1]
   assert canvas.segmented_voxels == np.count_nonzero(canvas.segmentation > 0)
+
+
+# -- movement_policy_args and alignment_options.save_raw -------------------------------------------
+
+def _oracle_run(tmp_path, extra=""):
+  from test_inference_canvas import _runner
+  runner = _runner(tmp_path, extra)
+  seg, origins = storage.load_segmentation_file(runner.run())
+  return runner, seg, origins
+
+
+def test_movement_policy_args_override_deltas_and_score_threshold(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  (tmp_path / "c").mkdir()
+  _, seg, origins = _oracle_run(tmp_path / "a")
+  assert len(origins) == 2
+  # larger steps along z (the blobs' long axis): fewer evaluations, same two objects
+  _, seg_big, origins_big = _oracle_run(tmp_path / "b", 'movement_policy_args: "{\\"deltas\\": [4, 2, 2]}"')
+  assert len(origins_big) == 2
+  assert sum(o.iters for o in origins_big.values()) < sum(o.iters for o in origins.values())
+  # a face logit of 4 never reaches a score threshold of 5 (logit): no object moves beyond its seed FoV
+  _, seg_stuck, origins_stuck = _oracle_run(tmp_path / "c", 'movement_policy_args: "{\\"score_threshold\\": 5}"')
+  assert origins_stuck and all(o.iters == 1 for o in origins_stuck.values())
+  assert np.count_nonzero(seg_stuck) < np.count_nonzero(seg)
+
+
+def test_save_raw_writes_the_normalised_image_beside_the_result(tmp_path):
+  runner, _, _ = _oracle_run(tmp_path, "alignment_options { save_raw: true }")
+  path = storage.subvolume_path(str(tmp_path / "out"), (0, 0, 0), "align")
+  with np.load(path) as data:
+    image = data["im"]
+  from test_inference_canvas import blobs_image
+  raw = ((blobs_image() + 1) * 100).astype(np.uint8)
+  np.testing.assert_array_equal(image, (raw.astype(np.float32) - 100) / 100)

@@ -88,13 +88,14 @@ class Canvas:
   def __init__(self, image: np.ndarray, options, predict: Predictor, fov_size_zyx: Sequence[int],
                deltas_zyx: Sequence[int], *, corner_zyx: Sequence[int] = (0, 0, 0),
                restrictor_mask: np.ndarray | None = None, seed_mask: np.ndarray | None = None,
-               shift_mask: ShiftMask | None = None,
+               shift_mask: ShiftMask | None = None, move_score_threshold: float | None = None,
                checkpoint_path: str | None = None, checkpoint_interval_sec: float = 0,
                counters: Counters | None = None):
     """``image``: normalised float32 z,y,x; ``options``: InferenceOptions proto;
     ``restrictor_mask``: True where nothing may be segmented; ``seed_mask``: True where no object
     may start; ``shift_mask``: FoV positions blocked by large slice shifts;
-    ``checkpoint_interval_sec`` <= 0 disables periodic checkpoints."""
+    ``deltas_zyx``: the movement step; ``move_score_threshold``: the minimum face logit for a
+    move (default: the move threshold, as a logit); ``checkpoint_interval_sec`` <= 0 disables periodic checkpoints."""
     self.image = image
     self.shape = tuple(image.shape)
     self.predict_fn = predict
@@ -132,7 +133,9 @@ class Canvas:
     self.seed_policy: BaseSeedPolicy | None = None
     self._seed_policy_state = None
     self._in_flight = False
-    self.movement_policy = FaceMaxMovementPolicy(self, deltas_zyx, self.move_threshold)
+    self.movement_policy = FaceMaxMovementPolicy(
+        self, deltas_zyx, self.move_threshold if move_score_threshold is None
+        else np.float32(move_score_threshold))
     self._min_pos = np.zeros(3, np.int64)
     self._max_pos = np.zeros(3, np.int64)
     self.reset_state((0, 0, 0))

@@ -8,6 +8,7 @@ saves a checkpoint at the next network evaluation and raises
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,8 +44,7 @@ def image_spec(request: inference_pb2.InferenceRequest) -> str:
 def check_request(request: inference_pb2.InferenceRequest) -> None:
   """Checks what can be checked without loading anything big; raises FFNError on the first problem.
 
-  Logs one warning naming the set fields that are ignored here although google/ffn acts on them
-  (:func:`ignored_request_fields`), and one naming those google/ffn HEAD ignores too
+  Logs one warning naming the set fields that google/ffn HEAD ignores, and so does this runner
   (:func:`google_ignored_request_fields`).
   """
   image_spec(request)
@@ -71,10 +71,7 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
   if request.HasField("init_segmentation"):
     hdf5_spec(request.init_segmentation, "init_segmentation")
   _check_shift_mask(request)
-  ignored = ignored_request_fields(request)
-  if ignored:
-    _log.warning("inference request: these fields are set but not implemented, and are ignored: %s",
-                 ", ".join(ignored))
+  movement_policy_kwargs(request)
   unused = google_ignored_request_fields(request)
   if unused:
     _log.warning("inference request: these fields are set but ignored, as google/ffn (HEAD) ignores "
@@ -117,20 +114,39 @@ def _check_shift_mask(request: inference_pb2.InferenceRequest) -> None:
                      f"{[size.x, size.y, size.z]}")
 
 
-def ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
-  """Names of set fields google/ffn would act on that this runner does not implement.
+def movement_policy_kwargs(request: inference_pb2.InferenceRequest) -> dict:
+  """``movement_policy_args`` as keyword overrides of the FaceMaxMovementPolicy, as google reads it.
 
-  ``alignment_options.save_raw`` (google writes the aligned image next to the result) and
-  ``movement_policy_args`` (google's FaceMaxMovementPolicy ``deltas``/``score_threshold``
-  overrides). ``batch_size``/``concurrent_requests`` are honoured by ``ffn run_inference``
-  (:mod:`ffn.inference.executor`), not by a Runner on its own.
+  Accepted keys: ``deltas`` (the move step, **z,y,x** -- google hands the list to the policy as
+  is) and ``score_threshold`` (the minimum face logit for a move, in **logit** units, default
+  ``logit(move_threshold)``). Returns ``{"deltas_zyx": ..., "score_threshold": ...}`` with the
+  keys that were given.
   """
-  ignored = []
-  if request.alignment_options.save_raw:
-    ignored.append("alignment_options.save_raw")
-  if request.movement_policy_args:
-    ignored.append("movement_policy_args")
-  return ignored
+  if not request.movement_policy_args:
+    return {}
+  try:
+    args = json.loads(request.movement_policy_args)
+  except json.JSONDecodeError as e:
+    raise FFNError(f"inference request: movement_policy_args is not valid JSON ({e.msg}): "
+                   f"{request.movement_policy_args!r}") from None
+  if not isinstance(args, dict) or set(args) - {"deltas", "score_threshold"}:
+    raise FFNError("inference request: movement_policy_args must be a JSON object with 'deltas' "
+                   f"(z,y,x) and/or 'score_threshold' (logit), got {request.movement_policy_args!r}")
+  out: dict = {}
+  if "deltas" in args:
+    deltas = args["deltas"]
+    if (not isinstance(deltas, list) or len(deltas) != 3
+        or not all(isinstance(d, int) and d >= 0 for d in deltas)):
+      raise FFNError(f"inference request: movement_policy_args deltas must be 3 integers >= 0 "
+                     f"(z,y,x), got {deltas!r}")
+    out["deltas_zyx"] = tuple(deltas)
+  if "score_threshold" in args:
+    value = args["score_threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise FFNError(f"inference request: movement_policy_args score_threshold must be a number "
+                     f"(logit), got {value!r}")
+    out["score_threshold"] = float(value)
+  return out
 
 
 def google_ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
@@ -206,8 +222,10 @@ class Runner:
     seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
     shift_mask = self._shift_mask(corner, image.shape)
     _, _, cpoint = self.paths(box)
+    movement = movement_policy_kwargs(self.request)
     canvas = Canvas(image, self.request.inference_options, predict or self.predict, self.fov_size_zyx,
-                    self.deltas_zyx, corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
+                    movement.get("deltas_zyx", self.deltas_zyx),
+                    move_score_threshold=movement.get("score_threshold"), corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
                     shift_mask=shift_mask,
                     checkpoint_path=cpoint, checkpoint_interval_sec=self.request.checkpoint_interval,
                     counters=self.counters if counters is None else counters)
@@ -281,6 +299,8 @@ class Runner:
         partial = canvas.restore_checkpoint(cpoint)
       except (OSError, ValueError, KeyError) as e:
         raise FFNError(f"{cpoint}: unreadable inference checkpoint ({e}); delete it to start over") from None
+    if self.request.alignment_options.save_raw:
+      self.save_raw_image(canvas)
     start = time.time()
     if canvas.restrictor_mask is not None and np.all(canvas.restrictor_mask):
       _log.info("everything in %s is masked: saving an empty result", box)  # google saves nothing
@@ -290,6 +310,13 @@ class Runner:
     self.save(canvas, seg_path, prob_path)
     if os.path.exists(cpoint):
       os.remove(cpoint)
+
+  def save_raw_image(self, canvas: Canvas) -> None:
+    """``alignment_options.save_raw``: the (normalised, float32) image the canvas segments, as
+    ``seg-<x>_<y>_<z>.align`` (npz with key ``im``, z,y,x) beside the result, like google/ffn."""
+    path = storage.subvolume_path(self.request.segmentation_output_dir, canvas.corner_zyx, "align")
+    if not os.path.exists(path):
+      storage.save_npz_atomic(path, im=canvas.image)
 
   def save(self, canvas: Canvas, seg_path: str, prob_path: str) -> None:
     """Writes the result (failed-seed markers removed) and then the probability map."""
