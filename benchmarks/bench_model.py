@@ -1,74 +1,156 @@
-"""Per-call time of the fib25 FFN (depth 12, 33^3 FOV) through ``ffn.models.load``.
+"""Per-call time and accuracy of the fib25 FFN (depth 12, 33^3 FOV) through ``ffn.models.load``.
 
-Compares float32 (baseline) and bfloat16 compute at batch 1 and 4, in one run, with the real
-google/ffn fib25 weights, and a bare stack of the same 25 ``tf.nn.conv3d`` + bias + ReLU ops
-(no model code) as the floor of what TensorFlow does on this CPU. Prints the median of
-``--repeats`` calls after a warm-up.
+Times, in one run, every ``compute_dtype`` (float32 = baseline, bfloat16, float16) at batch 1 and 4,
+the same dtypes compiled with XLA (``jit_compile=True``) at batch 1, and a bare stack of the same
+25 ``tf.nn.conv3d`` + bias + ReLU ops (no model code, float32) as the floor of what TensorFlow does
+on this CPU. Calls are interleaved: each round calls every configuration once, and each reported
+time is the median over ``--repeats`` rounds after two warm-up calls (the first call's time, which
+includes tracing and for XLA the compilation, is reported separately), so load drifting during the
+run hits every configuration alike.
 
-  .venv/bin/python benchmarks/bench_model.py [--repeats 15]
+Accuracy: logits of every non-float32 configuration against float32 (no XLA) on ``--patches`` real
+33^3 image patches of the shipped ``training_sample2_crop.h5`` (raw, normalised (raw - 128) / 33),
+with an inference seed channel (logit(0.05) everywhere, logit(0.95) at the centre voxel).
+
+  .venv/bin/python benchmarks/bench_model.py [--repeats 15] [--patches 8]
+      [--dtypes float32,bfloat16,float16] [--batches 1,4] [--xla_dtypes float32,bfloat16,float16]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-CKPT = Path(__file__).resolve().parents[2] / "shared/data/fib25/model/model.ckpt-27465036"
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "sample_data/fib25/model/model.ckpt-27465036"
+IMAGE = REPO / "sample_data/fib25/training_sample2_crop.h5"
 ARGS = {"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8]}
+FOV = 33
 
 
-def median_call_s(model, x: np.ndarray, repeats: int) -> float:
-  model(x)  # trace + warm-up
-  model(x)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    model(x)
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def cpu_model() -> str:
+  """The 'model name' line of /proc/cpuinfo (or the platform's machine name)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.machine()
 
 
-def bare_conv_stack(depth: int = 12) -> "tf.types.experimental.ConcreteFunction":
+def bare_conv_stack(depth: int = 12) -> Callable:
   """The fib25 layer sequence as raw TF ops with random weights, float32, batch 1."""
   import tensorflow as tf
   rng = np.random.default_rng(1)
   shapes = [(3, 3, 3, 2, 32)] + [(3, 3, 3, 32, 32)] * (2 * depth - 1) + [(1, 1, 1, 32, 1)]
   weights = [tf.constant(rng.normal(0, 0.05, s).astype(np.float32)) for s in shapes]
 
-  @tf.function(input_signature=[tf.TensorSpec([1, 33, 33, 33, 2], tf.float32)])
+  @tf.function(input_signature=[tf.TensorSpec([1, FOV, FOV, FOV, 2], tf.float32)])
   def run(x):
     for w in weights[:-1]:
       x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(x, w, [1] * 5, "SAME"), tf.zeros(32)))
     return tf.nn.conv3d(x, weights[-1], [1] * 5, "SAME")
-  return run
+  return lambda v: run(v).numpy()
+
+
+def image_patches(path: Path, n: int, seed: int = 0) -> np.ndarray:
+  """[n, 33, 33, 33, 2] float32: random real image patches (z, y, x) plus an inference seed."""
+  import h5py
+  with h5py.File(path, "r") as f:
+    raw = f["raw"][...]
+  rng = np.random.default_rng(seed)
+  out = np.empty((n, FOV, FOV, FOV, 2), np.float32)
+  for i in range(n):
+    z, y, x = (int(rng.integers(0, s - FOV + 1)) for s in raw.shape)
+    out[i, ..., 0] = (raw[z:z + FOV, y:y + FOV, x:x + FOV].astype(np.float32) - 128.0) / 33.0
+  out[..., 1] = np.log(0.05 / 0.95)
+  out[:, FOV // 2, FOV // 2, FOV // 2, 1] = np.log(0.95 / 0.05)
+  return out
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=str(CKPT))
-  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--image", default=str(IMAGE), help="HDF5 with dataset 'raw' (uint8, z,y,x)")
+  parser.add_argument("--repeats", type=int, default=15, help="timed rounds (median reported)")
+  parser.add_argument("--patches", type=int, default=8, help="real image patches for accuracy")
+  parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+  parser.add_argument("--batches", default="1,4")
+  parser.add_argument("--xla_dtypes", default="float32,bfloat16,float16",
+                      help="dtypes also timed with jit_compile=True at batch 1 ('' for none)")
   args = parser.parse_args()
   import ffn.models
+  dtypes = [d for d in args.dtypes.split(",") if d]
+  xla_dtypes = [d for d in args.xla_dtypes.split(",") if d]
+  batches = [int(b) for b in args.batches.split(",") if b]
+  if "float32" not in dtypes or 1 not in batches:
+    parser.error("the baseline float32 at batch 1 must be in --dtypes and --batches")
+  print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at start "
+        f"{os.getloadavg()[0]:.2f}")
+
+  models = {}
+  for dtype in dtypes:
+    models[(dtype, False)] = ffn.models.load(args.checkpoint, "convstack_3d", ARGS, dtype)
+  for dtype in xla_dtypes:
+    models[(dtype, True)] = ffn.models.load(args.checkpoint, "convstack_3d", ARGS, dtype,
+                                            jit_compile=True)
   rng = np.random.default_rng(0)
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-  results = {}
-  for dtype in ("float32", "bfloat16"):
-    model = ffn.models.load(args.checkpoint, "convstack_3d", ARGS, compute_dtype=dtype)
-    for batch in (1, 4):
-      x = rng.normal(size=(batch, 33, 33, 33, 2)).astype(np.float32)
-      results[(dtype, batch)] = median_call_s(model, x, args.repeats)
-  x = rng.normal(size=(1, 33, 33, 33, 2)).astype(np.float32)
-  bare = bare_conv_stack()
-  results[("bare TF ops, float32", 1)] = median_call_s(lambda v: bare(v).numpy(), x, args.repeats)
-  base = results[("float32", 1)]
-  for (dtype, batch), sec in results.items():
-    print(f"{dtype:20s} batch {batch}: {1000 * sec:7.1f} ms/call, {1000 * sec / batch:6.1f} ms/FOV, "
-          f"{base * batch / sec:5.2f}x FOV throughput vs float32 batch 1")
+  inputs = {b: rng.normal(size=(b, FOV, FOV, FOV, 2)).astype(np.float32) for b in batches}
+  # (label, batch) -> (callable, input)
+  configs: dict[tuple[str, int], tuple[Callable, np.ndarray]] = {}
+  for dtype in dtypes:
+    for b in batches:
+      configs[(dtype, b)] = (models[(dtype, False)], inputs[b])
+  for dtype in xla_dtypes:
+    configs[(f"{dtype} XLA", 1)] = (models[(dtype, True)], inputs[1])
+  configs[("bare TF ops, float32", 1)] = (bare_conv_stack(), inputs[1])
+
+  first: dict[tuple[str, int], float] = {}
+  for key, (fn, x) in configs.items():
+    t0 = time.perf_counter()
+    fn(x)
+    first[key] = time.perf_counter() - t0
+    fn(x)
+  times: dict[tuple[str, int], list[float]] = {key: [] for key in configs}
+  loads = [os.getloadavg()[0]]
+  for _ in range(args.repeats):
+    loads.append(os.getloadavg()[0])
+    for key, (fn, x) in configs.items():
+      t0 = time.perf_counter()
+      fn(x)
+      times[key].append(time.perf_counter() - t0)
+  loads.append(os.getloadavg()[0])
+  print(f"load average at end {loads[-1]:.2f} (max {max(loads):.2f} during the rounds; this run "
+        f"adds ~2); median of {args.repeats} interleaved rounds")
+  med = {key: float(np.median(t)) for key, t in times.items()}
+  base = med[("float32", 1)]
+  for (label, b), sec in med.items():
+    print(f"{label:20s} batch {b}: {1000 * sec:7.1f} ms/call, {1000 * sec / b:6.1f} ms/FOV, "
+          f"{base * b / sec:5.2f}x FOV throughput vs float32 batch 1 "
+          f"(first call {first[(label, b)]:.2f} s)")
+
+  patches = image_patches(Path(args.image), args.patches)
+  ref_model = models[("float32", False)]
+  ref = np.concatenate([ref_model(p[None]) for p in patches])
+  print(f"accuracy vs float32 on {args.patches} real 33^3 patches of {Path(args.image).name} "
+        f"(|logit| max {np.abs(ref).max():.1f}):")
+  for (dtype, xla), model in models.items():
+    if (dtype, xla) == ("float32", False):
+      continue
+    got = np.concatenate([model(p[None]) for p in patches])
+    diff = np.abs(got - ref)
+    label = f"{dtype} XLA" if xla else dtype
+    print(f"{label:20s} max |diff| {diff.max():.2g}, median {np.median(diff):.2g}, "
+          f"sign agreement {np.mean((got > 0) == (ref > 0)):.5f}")
 
 
 if __name__ == "__main__":

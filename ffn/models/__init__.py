@@ -20,6 +20,10 @@ from ffn.errors import FFNError
 # File written beside training checkpoints with the training flags (model_name, model_args, ...).
 FLAGS_FILE = "train_flags.json"
 
+# Accepted ``compute_dtype`` values of :func:`load` (the dtype of the convolutions; the residual
+# stream and the output stay float32). float32 is the default and the reference.
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
 # google/ffn model_name -> "module:class" of the implementation. Short names are aliases.
 _REGISTRY: dict[str, str] = {
     "convstack_3d.ConvStack3DFFNModel": "ffn.models.convstack_3d:ConvStack3DFFNModel",
@@ -154,25 +158,35 @@ def _extra_model_variables(shapes: dict, model, is_tf2: bool) -> list[str]:
                 and ".OPTIMIZER_SLOT" not in k)
 
 
+def check_compute_options(compute_dtype: str, jit_compile: bool) -> None:
+  """Raises FFNError unless ``compute_dtype`` is in COMPUTE_DTYPES and ``jit_compile`` a bool."""
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise FFNError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+  if not isinstance(jit_compile, (bool, np.bool_)):
+    raise FFNError(f"jit_compile must be True or False, got {jit_compile!r}")
+
+
 class LoadedModel:
   """A restored model with a numpy-in, numpy-out call.
 
   ``fov_size`` and ``deltas`` are (x, y, z). Calls are compiled once per input shape
-  (``tf.function`` with a fixed signature), so repeated calls never retrace.
+  (``tf.function`` with a fixed signature), so repeated calls never retrace. ``compute_dtype`` and
+  ``jit_compile`` are described in :func:`load`.
   """
 
   def __init__(self, model, model_name: str, model_args: dict, checkpoint: str,
-               compute_dtype: str = "float32"):
+               compute_dtype: str = "float32", jit_compile: bool = False):
     import tensorflow as tf
-    if compute_dtype not in ("float32", "bfloat16"):
-      raise FFNError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
+    check_compute_options(compute_dtype, jit_compile)
     self.model = model
     self.model_name = model_name
     self.model_args = model_args
     self.checkpoint = checkpoint
     self.compute_dtype = compute_dtype
+    self.jit_compile = bool(jit_compile)
     dtype = tf.as_dtype(compute_dtype)
-    self._fn = tf.function(lambda x: model(x, compute_dtype=dtype), autograph=False)
+    self._fn = tf.function(lambda x: model(x, compute_dtype=dtype), autograph=False,
+                           jit_compile=self.jit_compile)
     self._concrete: dict[tuple[int, ...], Callable] = {}
 
   @property
@@ -197,7 +211,7 @@ class LoadedModel:
 
 
 def load(checkpoint_path: str, model_name: str | None = None, model_args: str | dict | None = None,
-         compute_dtype: str = "float32") -> LoadedModel:
+         compute_dtype: str = "float32", jit_compile: bool = False) -> LoadedModel:
   """Restores a model for inference.
 
   Args:
@@ -207,8 +221,19 @@ def load(checkpoint_path: str, model_name: str | None = None, model_args: str | 
       takes it from the training flags saved beside the checkpoint.
     model_args: google's JSON string or a dict (``fov_size``/``deltas`` in x,y,z order); None
       takes them from the saved training flags.
-    compute_dtype: "float32" (default) or "bfloat16" (convolutions in bfloat16, output float32).
+    compute_dtype: the dtype of the convolutions: "float32" (default), "bfloat16" or "float16".
+      With the half types each convolution casts its input down and its output back to float32;
+      the residual stream, ReLUs, seed addition and the returned logits stay float32. On the
+      fib25 model (2-core Xeon with AVX512-BF16/FP16, AMX-BF16) bfloat16 is ~3.2x faster than
+      float32 (max logit difference 0.2), float16 ~1.8x *slower* (max difference 0.02): float16 is
+      meant for GPUs (tensor cores). See benchmarks/README.md.
+    jit_compile: compile the network with XLA (``tf.function(jit_compile=True)``), once per input
+      shape. Off by default: on that CPU XLA was ~7.7x slower for every dtype; meant for GPUs.
+
+  Raises:
+    FFNError: unknown compute_dtype, missing/mismatching checkpoint, bad model_name/model_args.
   """
+  check_compute_options(compute_dtype, jit_compile)
   checkpoint = resolve_checkpoint(str(checkpoint_path))
   if model_name is None or model_args is None:
     saved = read_train_flags(str(checkpoint_path))
@@ -221,4 +246,5 @@ def load(checkpoint_path: str, model_name: str | None = None, model_args: str | 
   args = parse_model_args(model_args)
   model = build_model(model_name, args)
   restore_weights(model, checkpoint)
-  return LoadedModel(model, canonical_name(model_name), args, checkpoint, compute_dtype)
+  return LoadedModel(model, canonical_name(model_name), args, checkpoint, compute_dtype,
+                     jit_compile)

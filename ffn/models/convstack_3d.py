@@ -28,6 +28,9 @@ from ffn.errors import FFNError
 # The TF1 variable scope that google's checkpoints use for every weight of this model.
 SCOPE = "seed_update"
 
+# dtypes the convolutions can run in (``compute_dtype`` of ``__call__``).
+COMPUTE_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
+
 
 class _Conv(tf.Module):
   """One convolution: ``weights`` (z, y, x, in, out) and ``biases`` (out,)."""
@@ -108,12 +111,18 @@ class ConvStack3DFFNModel(tf.Module):
     """Logits [b, z, y, x, 1] float32 for input [b, z, y, x, 2] float32.
 
     Channel 0 of ``x`` is the normalised image, channel 1 the seed logits. With ``compute_dtype``
-    bfloat16 only the convolutions run in bfloat16: each casts its input to bfloat16 and its output
-    back, while the residual stream, the ReLUs and the seed addition stay float32. Keeping the
-    residual sums in float32 is both faster on CPU than an all-bfloat16 stack (fewer bfloat16
-    elementwise ops) and much closer to float32: on google's 100^3 fib25 benchmark box the adapted
-    Rand error moved by 0.002 (all-bfloat16 stack: 0.022). See benchmarks/README.md.
+    bfloat16 or float16 only the convolutions run in that dtype: each casts its input down and its
+    output back to float32, while the residual stream, the ReLUs and the seed addition stay float32.
+    Keeping the residual sums in float32 is both faster on CPU than an all-bfloat16 stack (fewer
+    bfloat16 elementwise ops) and much closer to float32: on google's 100^3 fib25 benchmark box the
+    adapted Rand error moved by 0.002 (all-bfloat16 stack: 0.022). See benchmarks/README.md.
+    float16 (10 mantissa bits, range +-65504) is closer to float32 than bfloat16 but is meant for
+    inference on GPUs; training in float16 would need loss scaling, which the trainer does not do.
     """
+    if compute_dtype not in COMPUTE_DTYPES:
+      raise FFNError(f"compute_dtype must be one of {', '.join(d.name for d in COMPUTE_DTYPES)}, "
+                     f"got {compute_dtype!r}")
+
     def conv(name: str, net: tf.Tensor) -> tf.Tensor:
       if compute_dtype == tf.float32:
         return self.convs[name](net)
