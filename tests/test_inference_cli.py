@@ -131,3 +131,17 @@ def test_bad_movement_policy_args(args, expect):
   request.movement_policy_args = args
   with pytest.raises(FFNError, match=expect):
     movement_policy_kwargs(request)
+
+
+def test_compute_options_reach_the_model(setup):
+  from ffn.inference.request import load_request
+  from ffn.inference.runner import Runner
+  runner = Runner(load_request(write_request(setup)), compute_dtype="float16", jit_compile=True)
+  runner.load_model()
+  assert runner.predict.compute_dtype == "float16" and runner.predict.jit_compile
+
+
+@pytest.mark.parametrize("flag", ["--batch_size=0", "--concurrent_requests=-1"])
+def test_bad_executor_flags(setup, capsys, flag):
+  code = main(["run_inference", f"--inference_request={write_request(setup)}", flag])
+  assert code == 2 and flag.split("=")[0] in capsys.readouterr().err

@@ -162,7 +162,8 @@ class Runner:
   """Segments subvolumes of the request's image with the request's model."""
 
   def __init__(self, request: inference_pb2.InferenceRequest, compute_dtype: str = "float32",
-               predict: Predictor | None = None, fov_size_xyz=None, deltas_xyz=None):
+               predict: Predictor | None = None, fov_size_xyz=None, deltas_xyz=None,
+               jit_compile: bool = False):
     """``predict`` (with ``fov_size_xyz``/``deltas_xyz``) replaces the request's model, which is
   otherwise loaded with ``ffn.models.load`` when the first box is segmented."""
     check_request(request)
@@ -174,6 +175,7 @@ class Runner:
       self.volume_shape = vol.shape
     self.seed_policy = make_policy(request.seed_policy, request.seed_policy_args)
     self.compute_dtype = compute_dtype
+    self.jit_compile = jit_compile
     self.predict = predict
     if predict is not None:
       self.fov_size_zyx = xyz_to_zyx(fov_size_xyz)
@@ -189,7 +191,8 @@ class Runner:
     from ffn import models
     with timer_counter(self.counters, "load-model"):
       model = models.load(self.request.model_checkpoint_path, self.request.model_name or None,
-                          self.request.model_args or None, self.compute_dtype)
+                          self.request.model_args or None, self.compute_dtype,
+                          jit_compile=self.jit_compile)
     self.predict = model
     self.fov_size_zyx = xyz_to_zyx(model.fov_size)
     self.deltas_zyx = xyz_to_zyx(model.deltas)
