@@ -8,8 +8,13 @@ stack their pending field-of-view inputs into a single batch:
   input ``[1, z, y, x, 2]`` and blocks until its logits come back;
 * a client counts as *active* from its first call until :meth:`ExecutorClient.close`;
 * the executor runs a batch as soon as ``min(active clients, batch_size)`` inputs are waiting,
-  or when the oldest waiting input has waited ``max_wait_s`` (a canvas that is busy saving a
-  checkpoint or computing seeds does not stall the others for long).
+  or ``max_wait_s`` after it could first have run one (the later of: the oldest waiting input
+  arrived, the previous batch finished), so a canvas that is busy saving a checkpoint or
+  finishing an object does not stall the others for long. Measuring from the end of the
+  previous batch matters: inputs that arrived while it ran are not "late", and waiting a moment
+  for the canvases that just got their results lets the batches fill up (measured on the fib25
+  model in bfloat16: with 4 canvases and batch 4, mean batch 1.7 when counted from arrival, 3.4
+  this way).
 
 Differences from google/ffn, on purpose: a client registers at its first network call rather
 than when its canvas is built (so a canvas still loading its image or computing seed points does
@@ -75,6 +80,7 @@ class BatchExecutor:
     self._cond = threading.Condition()
     self._pending: list[_Request] = []
     self._active = 0
+    self._free_since = time.monotonic()  # when the executor thread last became idle
     self._closing = False
     self._thread: threading.Thread | None = None
 
@@ -137,7 +143,10 @@ class BatchExecutor:
       return False
     if self._closing or len(self._pending) >= min(max(self._active, 1), self.batch_size):
       return True
-    return time.monotonic() - self._pending[0].submitted >= self.max_wait_s
+    return time.monotonic() >= self._deadline()
+
+  def _deadline(self) -> float:
+    return max(self._pending[0].submitted, self._free_since) + self.max_wait_s
 
   def _loop(self) -> None:
     while True:
@@ -147,11 +156,13 @@ class BatchExecutor:
             return
           timeout = None
           if self._pending:
-            timeout = max(self.max_wait_s - (time.monotonic() - self._pending[0].submitted), 1e-4)
+            timeout = max(self._deadline() - time.monotonic(), 1e-4)
           self._cond.wait(timeout)
         batch = self._pending[:self.batch_size]
         del self._pending[:self.batch_size]
       self._run_batch(batch)
+      with self._cond:
+        self._free_since = time.monotonic()
 
   def _run_batch(self, batch: Sequence[_Request]) -> None:
     try:
