@@ -201,3 +201,47 @@ def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_
     np.testing.assert_array_equal(batched[corner][0], seg)
     assert {k: v[:2] for k, v in batched[corner][1].items()} == {k: v[:2] for k, v in origins.items()}
   assert any(origins for _, origins in sequential.values())
+
+
+@pytest.mark.slow
+def test_cli_sigterm_with_concurrent_subvolumes_then_resume(fib25_dir, tmp_path):
+  """SIGTERM to a run of two concurrent subvolumes: both checkpoint, exit 143; the rerun matches."""
+  import glob
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import REPO_ROOT
+  from test_inference_model import request_text
+  box = "start { x: 75 y: 75 z: 75 } size { x: 100 y: 56 z: 56 }"
+  flags = ["--subvolume_size=56,56,56", "--overlap=12,0,0", "--concurrent_requests=2",
+           "--batch_size=2"]
+
+  def cli(name: str, interval: int) -> subprocess.Popen:
+    req = tmp_path / f"{name}.pbtxt"
+    req.write_text(request_text(fib25_dir, tmp_path / name, interval=interval))
+    return subprocess.Popen([sys.executable, "run_inference.py", f"--inference_request={req}",
+                             f"--bounding_box={box}", *flags], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  proc = cli("killed", interval=1)
+  deadline = time.time() + 300
+  while (len(glob.glob(f"{tmp_path}/killed/**/*.cpoint", recursive=True)) < 2
+         and proc.poll() is None and time.time() < deadline):
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before both subvolumes had a checkpoint"
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 143, out
+  assert len(glob.glob(f"{tmp_path}/killed/**/*.cpoint", recursive=True)) == 2
+  assert not glob.glob(f"{tmp_path}/killed/**/*.npz", recursive=True)
+
+  out, _ = cli("killed", interval=1).communicate(timeout=600)
+  assert "restored checkpoint" in out
+  out_ref, _ = cli("reference", interval=0).communicate(timeout=600)
+  killed, reference = _load_all(str(tmp_path / "killed")), _load_all(str(tmp_path / "reference"))
+  assert len(reference) == 2 and sorted(killed) == sorted(reference), out + out_ref
+  for corner, (seg, _) in reference.items():
+    np.testing.assert_array_equal(killed[corner][0], seg)
+  assert not glob.glob(f"{tmp_path}/killed/**/*.cpoint", recursive=True)
