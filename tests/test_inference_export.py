@@ -79,15 +79,21 @@ def _read_precomputed(layer_dir):
   return info, out
 
 
-def test_precomputed_export_round_trip(tmp_path, capsys):
-  labels = np.random.default_rng(0).integers(0, 2**40, (70, 5, 66), dtype=np.int64)  # > one chunk
-  image = np.random.default_rng(1).integers(0, 255, (70, 5, 66), dtype=np.uint8)
+def _export_precomputed(tmp_path, seed: int, *flags: str):
+  """Random 64-bit labels and a uint8 image (z,y,x, more than one chunk) exported to ``view``."""
+  labels = np.random.default_rng(seed).integers(0, 2**40, (70, 5, 66), dtype=np.int64)
+  image = np.random.default_rng(seed + 1).integers(0, 255, (70, 5, 66), dtype=np.uint8)
   with h5py.File(tmp_path / "v.h5", "w") as f:
     f["seg"] = labels
     f["raw"] = image
   out = tmp_path / "view"
   assert main(["export", "--segmentation", f"{tmp_path}/v.h5:seg", "--format", "precomputed",
-               "--output", str(out), "--image", f"{tmp_path}/v.h5:raw", "--resolution", "8,8,30"]) == 0
+               "--output", str(out), "--image", f"{tmp_path}/v.h5:raw", *flags]) == 0
+  return labels, image, out
+
+
+def test_precomputed_export_round_trip(tmp_path, capsys):
+  labels, image, out = _export_precomputed(tmp_path, 0, "--resolution", "8,8,30")
   info, seg = _read_precomputed(out / "segmentation")
   assert info["type"] == "segmentation" and info["data_type"] == "uint64"
   assert info["scales"][0]["size"] == [66, 5, 70] and info["scales"][0]["resolution"] == [8, 8, 30]
@@ -102,14 +108,7 @@ def test_precomputed_export_round_trip(tmp_path, capsys):
 def test_precomputed_export_reads_back_with_tensorstore(tmp_path):
   """Google's own precomputed reader (tensorstore) opens both layers and returns our arrays."""
   import tensorstore as ts
-  labels = np.random.default_rng(2).integers(0, 2**40, (70, 5, 66), dtype=np.int64)
-  image = np.random.default_rng(3).integers(0, 255, (70, 5, 66), dtype=np.uint8)
-  with h5py.File(tmp_path / "v.h5", "w") as f:
-    f["seg"] = labels
-    f["raw"] = image
-  out = tmp_path / "view"
-  assert main(["export", "--segmentation", f"{tmp_path}/v.h5:seg", "--format", "precomputed",
-               "--output", str(out), "--image", f"{tmp_path}/v.h5:raw"]) == 0
+  labels, image, out = _export_precomputed(tmp_path, 2)
   for layer, expected, dtype in (("segmentation", labels, "uint64"), ("image", image, "uint8")):
     store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{out}/{layer}"}).result()
     assert store.domain.labels == ("x", "y", "z", "channel")
