@@ -133,3 +133,19 @@ def test_serve_sends_cors_header(tmp_path):
         assert r.headers["Access-Control-Allow-Origin"] == "*" and r.read() == b"{}"
     finally:
       server.shutdown()
+
+
+def test_neuroglancer_link_opens_every_exported_layer(tmp_path):
+  import json
+  import urllib.parse
+  from ffn.inference.serve import NEUROGLANCER_CLIENT, neuroglancer_url, precomputed_layers
+  _, _, out = _export_precomputed(tmp_path, 4)
+  (out / "notes").mkdir()  # a folder without an info file is not a layer
+  layers = precomputed_layers(str(out))
+  assert layers == [("image", "image"), ("segmentation", "segmentation")]
+  url = neuroglancer_url("http://localhost:8000/", layers)
+  assert url.startswith(NEUROGLANCER_CLIENT + "#!")
+  state = json.loads(urllib.parse.unquote(url.split("#!", 1)[1]))
+  assert [(layer["name"], layer["type"], layer["source"]) for layer in state["layers"]] == [
+      ("image", "image", "precomputed://http://localhost:8000/image"),
+      ("segmentation", "segmentation", "precomputed://http://localhost:8000/segmentation")]

@@ -180,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
       with Volume(args.image) as vol:
         image = vol.read_box(box or BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape)))
       write_precomputed_layer(os.path.join(args.output, "image"), image, "image", offset, resolution)
-    print(f"Neuroglancer: run `ffn serve {args.output}`, then add the layers "
-          "precomputed://http://localhost:8000/image and precomputed://http://localhost:8000/segmentation")
+    print(f"Neuroglancer: run `ffn serve {args.output}` and open the link it prints (layers "
+          "precomputed://http://localhost:8000/image and precomputed://http://localhost:8000/segmentation)")
   if args.format:
     _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
   if args.preview:

@@ -4,7 +4,12 @@ Neuroglancer (e.g. a hosted copy, or one built locally) reads *precomputed* laye
 the browser, which needs ``Access-Control-Allow-Origin`` on every response; Python's plain
 ``http.server`` does not send it. After ``ffn export --format precomputed --output view/``::
 
-  ffn serve view/            # then, in Neuroglancer: precomputed://http://localhost:8000/segmentation
+  ffn serve view/            # prints a Neuroglancer link that opens every layer of view/
+
+The link opens the public Neuroglancer client (``NEUROGLANCER_CLIENT``) with one layer per
+sub-folder that holds a precomputed ``info`` file; the data itself only travels from this server to
+the browser (over an SSH tunnel such as ``ssh -L 8000:localhost:8000 <cluster node>`` when the
+folder is on a cluster).
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ import functools
 import http.server
 import os
 
+import json
+import urllib.parse
+
 from ffn.errors import FFNError
+
+NEUROGLANCER_CLIENT = "https://neuroglancer-demo.appspot.com/"
 
 
 class CORSRequestHandler(http.server.SimpleHTTPRequestHandler):
@@ -23,6 +33,31 @@ class CORSRequestHandler(http.server.SimpleHTTPRequestHandler):
   def end_headers(self) -> None:
     self.send_header("Access-Control-Allow-Origin", "*")
     super().end_headers()
+
+
+def precomputed_layers(directory: str) -> list[tuple[str, str]]:
+  """(name, type) of the precomputed layers in ``directory``: sub-folders with an ``info`` file,
+  images first, in name order."""
+  layers = []
+  for name in sorted(os.listdir(directory)):
+    info = os.path.join(directory, name, "info")
+    if os.path.isfile(info):
+      try:
+        with open(info, encoding="utf-8") as f:
+          kind = json.load(f).get("type", "image")
+      except (OSError, ValueError) as e:
+        raise FFNError(f"{info}: unreadable precomputed info ({e})") from None
+      layers.append((name, kind))
+  return sorted(layers, key=lambda layer: (layer[1] != "image", layer[0]))
+
+
+def neuroglancer_url(base_url: str, layers: list[tuple[str, str]]) -> str:
+  """A Neuroglancer link showing ``layers`` (name, type) served under ``base_url``."""
+  state = {"layers": [{"type": kind, "source": f"precomputed://{base_url.rstrip('/')}/{name}",
+                       "name": name} for name, kind in layers],
+           "layout": "4panel"}
+  fragment = urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="")
+  return f"{NEUROGLANCER_CLIENT}#!{fragment}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     raise FFNError(f"{args.directory}: not a directory")
   handler = functools.partial(CORSRequestHandler, directory=args.directory)
   with http.server.ThreadingHTTPServer((args.bind, args.port), handler) as server:
-    print(f"serving {os.path.abspath(args.directory)} at http://{args.bind}:{args.port}/ (Ctrl-C stops)")
+    base = f"http://{'localhost' if args.bind in ('127.0.0.1', '0.0.0.0') else args.bind}:{args.port}"
+    print(f"serving {os.path.abspath(args.directory)} at {base}/ (Ctrl-C stops)")
+    layers = precomputed_layers(args.directory)
+    if layers:
+      print(f"open in Neuroglancer: {neuroglancer_url(base, layers)}", flush=True)
     server.serve_forever()
   return 0
