@@ -172,6 +172,36 @@ def test_stop_during_batched_run_checkpoints_every_canvas_and_resumes_identicall
     np.testing.assert_array_equal(a[corner][0], b[corner][0])
 
 
+def test_a_failing_subvolume_stops_the_run_and_a_rerun_completes(tmp_path):
+  """One box fails (here: its canvas cannot be built): the error surfaces, running canvases
+  checkpoint and stop, nothing is half written, and a rerun finishes every box."""
+  reference = _runner(tmp_path / "ref")
+  reference.predict = batched_oracle
+  segment_boxes(reference, BOXES)
+
+  runner = _runner(tmp_path / "run")
+  runner.predict = batched_oracle
+  build = runner.make_canvas
+
+  def make_canvas(box, **kwargs):
+    if box == BOXES[3]:
+      raise FFNError("mask volume does not cover the segmented box")
+    return build(box, **kwargs)
+
+  runner.make_canvas = make_canvas
+  with pytest.raises(FFNError, match="does not cover"):
+    segment_boxes(runner, BOXES, batch_size=2, concurrent_requests=3)
+  out = str(tmp_path / "run" / "out")
+  assert not runner.is_done(BOXES[3])
+  assert not any(runner.is_done(b) for b in BOXES[4:])  # not started after the failure
+  rerun = _runner(tmp_path / "run")
+  rerun.predict = batched_oracle
+  segment_boxes(rerun, BOXES, batch_size=2, concurrent_requests=3)
+  a, b = _load_all(str(tmp_path / "ref" / "out")), _load_all(out)
+  assert sorted(a) == sorted(b) and len(b) == 8
+  for corner in a:
+    np.testing.assert_array_equal(a[corner][0], b[corner][0])
+
 def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_dir, tmp_path):
   """run_inference --subvolume_size with two canvases batched == each box run on its own."""
   import subprocess

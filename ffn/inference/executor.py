@@ -246,8 +246,12 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
     def one(box: "BoundingBox") -> str:
       if runner.stop_requested:
         raise _Skipped()
-      with executor.client() as client:
-        return runner.run(box, predict=client)
+      try:
+        with executor.client() as client:
+          return runner.run(box, predict=client)
+      except BaseException:
+        runner.request_stop()  # at once: no further box may start, running ones checkpoint
+        raise
 
     first_error: BaseException | None = None
     with futures.ThreadPoolExecutor(concurrent_requests, thread_name_prefix="ffn-canvas") as pool, \
