@@ -13,5 +13,7 @@ if [ ! -x "$GEN_VENV/bin/python" ]; then
   "$GEN_VENV/bin/pip" install -q "grpcio-tools==1.62.3" "protobuf==4.25.3"
 fi
 "$GEN_VENV/bin/python" -m grpc_tools.protoc -I . --python_out=. \
-  ffn/utils/vector.proto ffn/utils/bounding_box.proto ffn/inference/inference.proto
-echo "generated: ffn/utils/vector_pb2.py ffn/utils/bounding_box_pb2.py ffn/inference/inference_pb2.py"
+  ffn/utils/vector.proto ffn/utils/bounding_box.proto ffn/inference/inference.proto \
+  ffn/consensus/consensus.proto
+echo "generated: ffn/utils/vector_pb2.py ffn/utils/bounding_box_pb2.py ffn/inference/inference_pb2.py" \
+  "ffn/consensus/consensus_pb2.py"

@@ -1,0 +1,80 @@
+"""``ffn consensus`` / ``run_consensus.py``: consensus of two results of one subvolume.
+
+  ffn consensus --consensus_request=consensus.pbtxt \\
+      --bounding_box 'start { x:0 y:0 z:0 } size { x:250 y:250 z:250 }'
+
+The bounding box's start is the subvolume corner of both results (their ``seg-<x>_<y>_<z>.npz``);
+its size must be their shape. The consensus is saved in google's layout in the request's
+``segmentation_output_dir``, and with ``--output_h5 file.h5:dataset`` also as an HDF5 volume.
+
+Exit status: 0 when the result exists (also when it already existed), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import h5py
+
+from ffn.axes import xyz_to_zyx
+from ffn.errors import FFNError
+from ffn.io.atomic import check_writable_dir
+from ffn.io.volumes import VolumeSpec, parse_spec, write_spec
+
+_log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--consensus_request", required=True,
+                      help="ConsensusRequest text proto: a .pbtxt path or the text itself")
+  parser.add_argument("--bounding_box", required=True,
+                      help="the subvolume as 'start { x: y: z: } size { x: y: z: }' (start = the "
+                           "corner in both results' seg-<x>_<y>_<z>.npz names)")
+  parser.add_argument("--output_h5", default=None,
+                      help="also write the consensus to this HDF5 spec 'file.h5:dataset' (z,y,x)")
+
+
+def _h5_has(spec: VolumeSpec) -> bool:
+  """Whether the HDF5 file of ``spec`` exists and holds its dataset."""
+  if not os.path.exists(spec.path):
+    return False
+  try:
+    with h5py.File(spec.path, "r") as f:
+      return spec.dataset in f
+  except OSError as e:
+    raise FFNError(f"{spec.path}: not a readable HDF5 file ({e})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+  from ffn.consensus.consensus import compute_consensus, load_consensus_request, save_consensus
+  from ffn.inference import storage
+  from ffn.inference.request import parse_bounding_box
+  request = load_consensus_request(args.consensus_request)
+  box = parse_bounding_box(args.bounding_box)
+  corner, shape = xyz_to_zyx(box.start.tolist()), xyz_to_zyx(box.size.tolist())
+  h5 = None
+  if args.output_h5:
+    h5 = parse_spec(args.output_h5)
+    if h5.dataset is None:
+      raise FFNError(f"--output_h5: expected 'file.h5:dataset', got {args.output_h5!r}")
+    check_writable_dir(h5.path)
+  done = storage.existing_segmentation_path(request.segmentation_output_dir, corner)
+  h5_done = h5 is None or _h5_has(h5)
+  if done and h5_done:
+    _log.info("already done: %s", done)
+    return 0
+  if done is None and h5 is not None and h5_done:
+    raise FFNError(f"--output_h5: {args.output_h5} already exists but {request.segmentation_output_dir} "
+                   "has no consensus for this box; remove it or choose another dataset")
+  if done is None:
+    labels, origins = compute_consensus(request, corner, shape)
+    done = save_consensus(labels, origins, request, corner)
+    _log.info("result: %s", done)
+  else:
+    labels, _ = storage.load_segmentation_file(done)
+  if h5 is not None:
+    write_spec(h5, storage.reduce_id_bits(labels))
+    _log.info("result: %s", args.output_h5)
+  return 0
