@@ -14,12 +14,12 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
-from google.protobuf import text_format
 
 from ffn.consensus import consensus_pb2
 from ffn.consensus.split import kept_origins, split_by_intersection
 from ffn.errors import FFNError
 from ffn.inference import storage
+from ffn.io.textproto import parse_text_proto, read_text_proto
 
 _log = logging.getLogger(__name__)
 
@@ -34,27 +34,17 @@ _METHODS: dict[int, Callable[[np.ndarray, np.ndarray, ConsensusRequest], np.ndar
 
 def parse_consensus_request(text: str, where: str = "consensus request") -> ConsensusRequest:
   """Parses and checks ConsensusRequest text format; any problem -> one-line FFNError."""
-  request = ConsensusRequest()
-  try:
-    text_format.Parse(text, request)
-  except text_format.ParseError as e:
-    raise FFNError(f"{where}: malformed ConsensusRequest text proto: {e}") from None
+  request = parse_text_proto(text, ConsensusRequest(), where)
   check_request(request, where)
   return request
 
 
 def load_consensus_request(path_or_text: str) -> ConsensusRequest:
   """A ConsensusRequest from a pbtxt file path, or from the text itself (as google's flag allows)."""
-  if os.path.isfile(path_or_text):
-    try:
-      with open(path_or_text, encoding="utf-8") as f:
-        text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-      raise FFNError(f"{path_or_text}: cannot read the consensus request ({e})") from None
-    return parse_consensus_request(text, path_or_text)
-  if path_or_text.strip().endswith((".pbtxt", ".txt")) or "{" not in path_or_text:
-    raise FFNError(f"{path_or_text}: consensus request file not found")
-  return parse_consensus_request(path_or_text, "--consensus_request")
+  request = read_text_proto(path_or_text, ConsensusRequest(), "--consensus_request",
+                            "consensus request")
+  check_request(request, path_or_text if os.path.isfile(path_or_text) else "--consensus_request")
+  return request
 
 
 def check_request(request: ConsensusRequest, where: str = "consensus request") -> None:

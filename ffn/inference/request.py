@@ -3,24 +3,18 @@ with clear errors."""
 
 from __future__ import annotations
 
-import os
-
 from google.protobuf import text_format
 
 from ffn.axes import BoundingBox
 from ffn.errors import FFNError
 from ffn.inference import inference_pb2
+from ffn.io.textproto import parse_text_proto, read_text_proto
 from ffn.utils import bounding_box_pb2
 
 
 def parse_request(text: str, where: str = "inference request") -> inference_pb2.InferenceRequest:
   """Parses InferenceRequest text format; a syntax error -> FFNError with its line and column."""
-  request = inference_pb2.InferenceRequest()
-  try:
-    text_format.Parse(text, request)
-  except text_format.ParseError as e:
-    raise FFNError(f"{where}: malformed InferenceRequest text proto: {e}") from None
-  return request
+  return parse_text_proto(text, inference_pb2.InferenceRequest(), where)
 
 
 def load_request(path_or_text: str) -> inference_pb2.InferenceRequest:
@@ -29,16 +23,8 @@ def load_request(path_or_text: str) -> inference_pb2.InferenceRequest:
   Relative paths inside the request are left as they are (relative to the working directory,
   like google/ffn).
   """
-  if os.path.isfile(path_or_text):
-    try:
-      with open(path_or_text, encoding="utf-8") as f:
-        text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-      raise FFNError(f"{path_or_text}: cannot read the inference request ({e})") from None
-    return parse_request(text, path_or_text)
-  if path_or_text.strip().endswith((".pbtxt", ".txt")) or "{" not in path_or_text:
-    raise FFNError(f"{path_or_text}: inference request file not found")
-  return parse_request(path_or_text, "--inference_request")
+  return read_text_proto(path_or_text, inference_pb2.InferenceRequest(), "--inference_request",
+                         "inference request")
 
 
 def hdf5_spec(volume, field: str) -> str:
