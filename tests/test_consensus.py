@@ -303,3 +303,30 @@ def test_run_consensus_script(tmp_path):
   assert proc.returncode == 0, proc.stderr
   seg, _ = storage.load_segmentation_file(storage.segmentation_path(str(tmp_path / "out"), CORNER))
   np.testing.assert_array_equal(seg, split_by_intersection(SEG1, SEG2))
+
+
+def test_subvolumes_each_get_their_consensus(tmp_path, capsys):
+  """--subvolume_size/--overlap as given to run_inference: one consensus per subvolume corner."""
+  from ffn.axes import BoundingBox, split_box
+  rng = np.random.default_rng(5)
+  boxes = split_box(BoundingBox((0, 0, 0), (10, 6, 4)), (6, 6, 4), (2, 0, 0))
+  assert [b.start.tolist() for b in boxes] == [[0, 0, 0], [4, 0, 0]]
+  expected = {}
+  for b in boxes:
+    corner = tuple(int(v) for v in reversed(b.start.tolist()))
+    seg1 = rng.integers(0, 3, (4, 6, 6)).astype(np.uint64)
+    seg2 = rng.integers(0, 3, (4, 6, 6)).astype(np.uint64)
+    for name, seg in (("fwd", seg1), ("rev", seg2)):
+      storage.save_subvolume(seg, {}, storage.segmentation_path(str(tmp_path / name), corner))
+    expected[corner] = (seg1, seg2)
+  box = "start { x: 0 y: 0 z: 0 } size { x: 10 y: 6 z: 4 }"
+  request = _request(tmp_path, "split_min_size: 0")  # sources without split_cc
+  code, err = _run(capsys, "--consensus_request", request, "--bounding_box", box,
+                   "--subvolume_size", "6,6,4", "--overlap", "2,0,0")
+  assert code == 0, err
+  for corner, (seg1, seg2) in expected.items():
+    seg, _ = storage.load_segmentation_file(storage.segmentation_path(str(tmp_path / "out"), corner))
+    np.testing.assert_array_equal(seg, split_by_intersection(seg1, seg2, 0))
+  code, err = _run(capsys, "--consensus_request", request, "--bounding_box", box,
+                   "--subvolume_size", "6,6,4", "--output_h5", f"{tmp_path}/c.h5:seg")
+  assert code == 2 and "cannot be combined with --subvolume_size" in err
