@@ -28,6 +28,7 @@ def _axes(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from ffn.training.examples import FOV_POLICIES
   from ffn.training.optimizer import OPTIMIZERS
   req = parser.add_argument_group("data and model (required)")
   req.add_argument("--train_coords", required=True, help="coordinate TFRecord (GZIP, google format)")
@@ -43,8 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max_steps", type=int, default=10000)
   parser.add_argument("--seed_pad", type=float, default=0.05)
   parser.add_argument("--threshold", type=float, default=0.9)
-  parser.add_argument("--fov_policy", choices=["fixed"], default="fixed",
-                      help="FOV movement policy (google's max_pred_moves is not implemented)")
+  parser.add_argument("--fov_policy", choices=FOV_POLICIES, default="fixed",
+                      help="FOV moves inside an example: 'fixed' tries the 26 +/- deltas shifts "
+                           "around the centre; 'max_pred_moves' follows the face maxima of the "
+                           "predictions as inference does")
+  parser.add_argument("--fov_moves", type=int, default=1,
+                      help="FOV moves of deltas each way the loaded example patch holds (one more "
+                           "with max_pred_moves; with fixed only the patch grows, as in google); >= 1")
   parser.add_argument("--shuffle_moves", type=_bool, default=True)
   parser.add_argument("--permutable_axes", type=_axes, default=(1, 2), help="of z,y,x = 0,1,2")
   parser.add_argument("--reflectable_axes", type=_axes, default=(0, 1, 2), help="of z,y,x = 0,1,2")
@@ -80,14 +86,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-  from ffn.training.data import ExampleSource
   from ffn.training.trainer import Trainer
-  cfg = config_from_args(args)
-  trainer = Trainer(cfg)
+  trainer = Trainer(config_from_args(args))
   trainer.restore_or_init()
   trainer.write_flags()
-  trainer.attach_data(ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes,
-                                    trainer.model.fov_size, trainer.model.deltas, cfg.image_mean,
-                                    cfg.image_stddev, cfg.permutable_axes, cfg.reflectable_axes,
-                                    cfg.seed))
+  trainer.attach_data(trainer.make_source())
   return trainer.run()

@@ -1,8 +1,10 @@
 """Training data: coordinates + image/label volumes -> a prefetched stream of training examples.
 
-Each example is an (image, soft label) pair of ``fov + 2 * deltas`` voxels (z,y,x) around a training
-coordinate: the object at the centre becomes 0.95, everything else 0.05; the image is normalised
+Each example is an (image, soft label) pair of ``fov + 2 * moves * deltas`` voxels (z,y,x) around a
+training coordinate (``moves``: :func:`ffn.training.examples.patch_moves`, 1 by default): the object
+at the centre becomes 0.95, everything else 0.05; the image is normalised
 ``(raw - image_mean) / image_stddev``; one random axis permutation/reflection is applied to both.
+Coordinates whose patch does not fit inside the volume are skipped.
 
 The stream is indexed: example ``i`` is fully determined by ``(seed, i)`` (coordinate order is a
 per-epoch permutation, augmentation a per-example RNG), so a restart that resumes at index ``i``
@@ -49,11 +51,13 @@ class ExampleSource:
   def __init__(self, train_coords: str, data_volumes: str, label_volumes: str,
                fov_xyz: Sequence[int], deltas_xyz: Sequence[int], image_mean: float,
                image_stddev: float, permutable_axes: Sequence[int] = (1, 2),
-               reflectable_axes: Sequence[int] = (0, 1, 2), seed: int = 0):
+               reflectable_axes: Sequence[int] = (0, 1, 2), seed: int = 0, moves: int = 1):
+    """``fov_xyz``/``deltas_xyz``: the model's FOV and move step (x,y,z, voxels); ``moves``: FOV
+    moves of ``deltas`` each way the loaded patch must hold."""
     from ffn.data.coordinates import load_coordinates
     if image_stddev <= 0:
       raise FFNError(f"--image_stddev must be positive, got {image_stddev}")
-    self.size_xyz = example_size_xyz(fov_xyz, deltas_xyz)
+    self.size_xyz = example_size_xyz(fov_xyz, deltas_xyz, moves)
     self.image_mean, self.image_stddev = float(image_mean), float(image_stddev)
     self.permutable_axes, self.reflectable_axes = tuple(permutable_axes), tuple(reflectable_axes)
     self.seed = int(seed)
@@ -76,7 +80,8 @@ class ExampleSource:
       size = np.array(images[name].shape[::-1])
       keep[rows] &= np.all((starts[rows] >= 0) & (starts[rows] + self.size_xyz <= size), axis=1)
     if not keep.any():
-      raise FFNError(f"{train_coords}: no coordinate is at least fov/2 + deltas from the volume edge")
+      raise FFNError(f"{train_coords}: no coordinate is at least fov/2 + {moves} x deltas from the "
+                     f"volume edge")
     if not keep.all():
       _log.warning("%s: %d of %d coordinates too close to the volume edge, skipped", train_coords,
                    int((~keep).sum()), len(keep))

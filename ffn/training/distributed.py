@@ -264,13 +264,6 @@ class DistributedTraining(submitit.helpers.Checkpointable):
               cfg.batch_size, cfg.batch_size * replicas, cfg.learning_rate)
     return cfg
 
-  def _source(self, trainer):
-    from ffn.training.data import ExampleSource
-    cfg = trainer.cfg
-    return ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes, trainer.model.fov_size,
-                         trainer.model.deltas, cfg.image_mean, cfg.image_stddev, cfg.permutable_axes,
-                         cfg.reflectable_axes, cfg.seed)
-
   def _run_sync(self, env: submitit.JobEnvironment, resolver: SlurmClusterResolver | None) -> int:
     """``resolver``: a :func:`slurm_resolver` with one ``worker`` job, or None for one task."""
     import tensorflow as tf
@@ -286,7 +279,7 @@ class DistributedTraining(submitit.helpers.Checkpointable):
       trainer.restore_or_init()
       if trainer.is_chief:
         trainer.write_flags()
-      trainer.attach_data(self._source(trainer))
+      trainer.attach_data(trainer.make_source())
       status = trainer.run()
       _log.info("worker %d/%d done at step %d: %d examples taken by this worker", worker,
                 env.num_tasks, int(trainer.step.numpy()), int(trainer.examples_taken.numpy()))
@@ -324,7 +317,7 @@ class AsyncTrainer:
     self.trainer = owner._trainer = Trainer(owner._config(num_workers), strategy)
     self.trainer.restore_or_init()
     self.trainer.write_flags()
-    self.trainer.attach_data(owner._source(self.trainer))
+    self.trainer.attach_data(self.trainer.make_source())
 
   def run(self) -> int:
     """Trains to ``max_steps`` with one batch in flight per worker; 0, or 3 after SIGTERM."""

@@ -1,28 +1,43 @@
 """Training examples for an FFN, as numpy (google/ffn ``train.py``/``inputs.py``/``mask.py`` semantics).
 
-An *example* is an image patch and a label patch of ``fov + 2 * deltas`` voxels around a training
-coordinate. Inside it the FOV starts at the centre and moves by +/- deltas ("fixed" policy) to each
-position where the model's own prediction so far reaches ``threshold``; every FOV position is one
-training sample. All arrays are z,y,x; offsets and sizes named ``_xyz`` are x,y,z (:mod:`ffn.axes`).
+An *example* is an image patch and a label patch of ``fov + 2 * moves * deltas`` voxels around a
+training coordinate (``moves``: :func:`patch_moves`). Inside it the FOV starts at the centre and is
+moved by an FOV policy that reads the model's own predictions so far: "fixed" visits the +/- deltas
+shifts where the prediction reaches ``threshold``; "max_pred_moves" follows the face maxima as
+inference does. Every FOV position is one training sample. All arrays are z,y,x; offsets and sizes
+named ``_xyz`` are x,y,z (:mod:`ffn.axes`).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ffn.axes import xyz_to_zyx
+from ffn.axes import xyz_to_zyx, zyx_to_xyz
+from ffn.inference.movement import scored_move_offsets
+
+FOV_POLICIES = ("fixed", "max_pred_moves")
 
 
 def logit(p: float) -> float:
   return float(np.log(p / (1.0 - p)))
 
 
-def example_size_xyz(fov_xyz: Sequence[int], deltas_xyz: Sequence[int]) -> np.ndarray:
-  """Size (x,y,z) of the patch loaded per example: one FOV move each way (google, fov_moves=1)."""
-  return np.asarray(fov_xyz, np.int64) + 2 * np.asarray(deltas_xyz, np.int64)
+def patch_moves(fov_policy: str, fov_moves: int) -> int:
+  """FOV moves of ``deltas`` each way that the loaded patch must hold (google's ``fov_moves()``).
+
+  ``fov_moves`` for "fixed"; one more for "max_pred_moves", whose path is not limited to the
+  shifts around the centre (google adds it for a fuller mask around the path).
+  """
+  return fov_moves + 1 if fov_policy == "max_pred_moves" else fov_moves
+
+
+def example_size_xyz(fov_xyz: Sequence[int], deltas_xyz: Sequence[int], moves: int = 1) -> np.ndarray:
+  """Size (x,y,z) in voxels of the patch loaded per example: ``fov + 2 * moves * deltas``."""
+  return np.asarray(fov_xyz, np.int64) + 2 * int(moves) * np.asarray(deltas_xyz, np.int64)
 
 
 def object_mask(labels: np.ndarray) -> np.ndarray:
@@ -89,3 +104,33 @@ def fixed_policy(seed: np.ndarray, shifts: Sequence[tuple[int, int, int]],
     z, y, x = (s // 2 + o for s, o in zip(seed.shape, xyz_to_zyx(off)))
     if seed[z, y, x] >= t:
       yield off
+
+
+def max_pred_policy(seed: np.ndarray, fov_xyz: Sequence[int], deltas_xyz: Sequence[int],
+                    threshold: float) -> Iterator[tuple[int, int, int]]:
+  """FOV offsets (x,y,z, voxels from the patch centre) chosen as inference would move the FOV
+  (google's ``max_pred_offsets``).
+
+  Starts at (0,0,0). After each offset is yielded (and the caller has written the prediction into
+  ``seed``), the ``fov``-sized prediction around it gives the face-maximum moves of
+  :func:`ffn.inference.movement.scored_move_offsets` at ``logit(threshold)``; they join a FIFO
+  queue, best score first. A queued offset is skipped when its FOV would leave ``seed`` (the loaded
+  patch) or when its cell ``offset // max(deltas, 1)`` (x,y,z, floor division) was visited already.
+  """
+  fov_zyx, deltas_zyx = xyz_to_zyx(fov_xyz), xyz_to_zyx(deltas_xyz)
+  reach_xyz = np.array(zyx_to_xyz([s // 2 for s in seed.shape])) - np.asarray(fov_xyz) // 2
+  cell_xyz = np.maximum(np.asarray(deltas_xyz), 1)
+  t = logit(threshold)
+  queue: collections.deque = collections.deque([(0, 0, 0)])
+  visited: set = set()
+  while queue:
+    off = queue.popleft()
+    if np.any(np.abs(off) > reach_xyz):
+      continue
+    cell = tuple(int(c) for c in np.floor_divide(off, cell_xyz))
+    if cell in visited:
+      continue
+    visited.add(cell)
+    yield off
+    moves = sorted(scored_move_offsets(deltas_zyx, crop(seed, off, fov_zyx), t), reverse=True)
+    queue.extend(tuple(o + m for o, m in zip(off, zyx_to_xyz(move_zyx))) for _, move_zyx in moves)

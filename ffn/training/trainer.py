@@ -1,7 +1,8 @@
 """Single-process FFN training in TF2 (google/ffn ``train.py`` semantics, no sessions).
 
 Per step: ``batch_size`` example slots each hold one example (see :mod:`ffn.training.data`) and a
-seed canvas; each slot supplies the FOV at its next policy offset; the model predicts, the loss is
+seed canvas; each slot supplies the FOV at its next offset of the ``fov_policy`` ("fixed" or
+"max_pred_moves", :mod:`ffn.training.examples`); the model predicts, the loss is
 the mean sigmoid cross-entropy against the soft labels, every gradient element is clipped to
 +/- ``max_gradient_entry_mag``, and the optimizer applies it. The predicted logits are written
 back into each slot's seed canvas, so later FOVs of the same example see the model's own
@@ -21,6 +22,7 @@ only the chief (worker 0) writes checkpoints and summaries to ``train_dir``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -28,17 +30,19 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
 import ffn.models
 from ffn.axes import xyz_to_zyx
+from ffn.errors import FFNError
 from ffn.io.atomic import write_text_atomic
 from ffn.progress import format_eta
 from ffn.training.data import ExampleSource
-from ffn.training.examples import crop, fixed_policy, fov_shifts, initial_seed, logit
+from ffn.training.examples import (FOV_POLICIES, crop, fixed_policy, fov_shifts, initial_seed, logit,
+                                   max_pred_policy, patch_moves)
 from ffn.training.optimizer import Optimizer
 
 _log = logging.getLogger("ffn.training")
@@ -61,6 +65,8 @@ class TrainConfig:
   max_steps: int = 10000
   seed_pad: float = 0.05
   threshold: float = 0.9
+  fov_policy: str = "fixed"
+  fov_moves: int = 1
   shuffle_moves: bool = True
   permutable_axes: tuple = (1, 2)
   reflectable_axes: tuple = (0, 1, 2)
@@ -80,14 +86,22 @@ class TrainConfig:
   seed: int = 0
   compute_dtype: str = "float32"
 
+  def __post_init__(self) -> None:
+    if self.fov_policy not in FOV_POLICIES:
+      raise FFNError(f"--fov_policy {self.fov_policy!r}: expected one of {', '.join(FOV_POLICIES)}")
+    if self.fov_moves < 1:
+      raise FFNError(f"--fov_moves must be >= 1, got {self.fov_moves}")
+
 
 class _Slot:
   """One batch element: an example, its seed canvas and its lazy FOV policy."""
 
-  def __init__(self, image: np.ndarray, labels: np.ndarray, shifts, seed_pad: float, threshold: float):
+  def __init__(self, image: np.ndarray, labels: np.ndarray, seed_pad: float,
+               policy: Callable[[np.ndarray], Iterator[tuple[int, int, int]]]):
+    """``policy``: builds the lazy FOV offset iterator (x,y,z) over this slot's seed canvas."""
     self.image, self.labels = image, labels
     self.seed = initial_seed(labels.shape, pad=seed_pad)
-    self.offsets: Iterator = fixed_policy(self.seed, shifts, threshold)
+    self.offsets = policy(self.seed)
 
 
 class Trainer:
@@ -181,6 +195,14 @@ class Trainer:
 
   # -- data -----------------------------------------------------------------------------------
 
+  def make_source(self) -> ExampleSource:
+    """The example stream of this run's config, patches sized for its FOV policy and moves."""
+    cfg = self.cfg
+    return ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes, self.model.fov_size,
+                         self.model.deltas, cfg.image_mean, cfg.image_stddev, cfg.permutable_axes,
+                         cfg.reflectable_axes, cfg.seed,
+                         moves=patch_moves(cfg.fov_policy, cfg.fov_moves))
+
   def attach_data(self, source: ExampleSource) -> None:
     self.source = source
     self._stream = source.stream(int(self.examples_taken.numpy()), worker=self.worker,
@@ -189,10 +211,16 @@ class Trainer:
   def _new_slot(self) -> _Slot:
     image, labels = next(self._stream)
     self.examples_taken.assign_add(1)
-    shifts = fov_shifts(self.model.deltas)
-    if self.cfg.shuffle_moves:
-      self._shifts_rng.shuffle(shifts)
-    return _Slot(image.numpy(), labels.numpy(), shifts, self.cfg.seed_pad, self.cfg.threshold)
+    cfg = self.cfg
+    if cfg.fov_policy == "max_pred_moves":
+      policy = functools.partial(max_pred_policy, fov_xyz=self.model.fov_size,
+                                 deltas_xyz=self.model.deltas, threshold=cfg.threshold)
+    else:
+      shifts = fov_shifts(self.model.deltas)
+      if cfg.shuffle_moves:
+        self._shifts_rng.shuffle(shifts)
+      policy = functools.partial(fixed_policy, shifts=shifts, threshold=cfg.threshold)
+    return _Slot(image.numpy(), labels.numpy(), cfg.seed_pad, policy)
 
   def next_batch(self, slots: list[_Slot | None] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
