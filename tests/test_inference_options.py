@@ -18,7 +18,7 @@ from scipy.special import expit, logit
 from ffn.errors import FFNError
 from ffn.inference import inference_pb2, seed as seed_lib, storage
 from ffn.inference.canvas import MAX_SELF_CONSISTENT_ITERS, Canvas, _SeedProgress
-from ffn.inference.masks import ShiftMask, read_box
+from ffn.inference.masks import ShiftMask
 from ffn.inference.request import parse_request
 from ffn.inference.runner import check_request, google_ignored_request_fields
 from ffn.progress import Progress
@@ -279,16 +279,6 @@ def test_shift_mask_must_be_4d(tmp_path):
   with pytest.raises(FFNError) as e:
     runner.run()
   assert "must be 4D (channel,z,y,x) with at least 2 channels" in one_line(e)
-
-
-def test_read_box_corner_and_channels(tmp_path):
-  data = np.arange(2 * 4 * 5 * 6).reshape(2, 4, 5, 6)
-  with h5py.File(tmp_path / "v.h5", "w") as f:
-    f["v"] = data
-  np.testing.assert_array_equal(read_box(f"{tmp_path}/v.h5:v", "x", (1, 2, 3), (2, 2, 2)),
-                                data[0, 1:3, 2:4, 3:5])
-  out = read_box(f"{tmp_path}/v.h5:v", "x", (3, 4, 5), (2, 2, 2), channels=2, fill_outside=True)
-  assert out.shape == (2, 2, 2, 2) and out[1, 0, 0, 0] == data[1, 3, 4, 5] and out[1, 1, 1, 1] == 0
 
 
 # -- alignment and fields google ignores ---------------------------------------------------------

@@ -123,3 +123,23 @@ def test_atomic_writes_get_umask_permissions(tmp_path):
   finally:
     os.umask(old)
   assert (tmp_path / "v.h5").stat().st_mode & 0o777 == 0o644
+
+
+def test_read_h5_box_corner_channels_and_outside(tmp_path):
+  from ffn.io.volumes import read_h5_box, read_label_box
+  data = np.arange(2 * 4 * 5 * 6).reshape(2, 4, 5, 6)
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["v"] = data
+    f["neg"] = -np.ones((2, 2, 2), np.int32)
+  spec = f"{tmp_path}/v.h5:v"
+  np.testing.assert_array_equal(read_h5_box(spec, (1, 2, 3), (2, 2, 2)), data[0, 1:3, 2:4, 3:5])
+  out = read_h5_box(spec, (3, 4, 5), (2, 2, 2), channels=2, fill_outside=True)
+  assert out.shape == (2, 2, 2, 2) and out[1, 0, 0, 0] == data[1, 3, 4, 5] and out[1, 1, 1, 1] == 0
+  with pytest.raises(FFNError, match=r"does not cover the box at \[5, 4, 3\]"):
+    read_h5_box(spec, (3, 4, 5), (2, 2, 2), what="shift_mask")
+  with pytest.raises(FFNError, match=r"at least 3 channels"):
+    read_h5_box(spec, (0, 0, 0), (1, 1, 1), channels=3)
+  with pytest.raises(FFNError, match=r"no dataset 'w'.*\(init_segmentation\)"):
+    read_label_box(f"{tmp_path}/v.h5:w", (0, 0, 0), (1, 1, 1), what="init_segmentation")
+  with pytest.raises(FFNError, match="negative ids"):
+    read_label_box(f"{tmp_path}/v.h5:neg", (0, 0, 0), (2, 2, 2))

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import h5py
 import numpy as np
 
 from ffn.errors import FFNError
-from ffn.io.volumes import Volume, check_dtype, parse_spec
+from ffn.io.volumes import Volume, read_h5_box
 
 
 def _channel_mask(values: np.ndarray, config) -> np.ndarray:
@@ -82,66 +81,6 @@ def build_mask(configs: Sequence, raw_image: np.ndarray | None, field: str,
   return final
 
 
-def _open_dataset(spec: str, field: str) -> tuple[h5py.File, h5py.Dataset]:
-  """Opens ``path.h5:dataset``; any problem -> FFNError naming ``field`` and the file."""
-  parsed = parse_spec(spec)
-  if parsed.dataset is None:
-    raise FFNError(f"inference request: {field}: expected hdf5 \"file.h5:dataset\", got {spec!r}")
-  try:
-    f = h5py.File(parsed.path, "r")
-  except FileNotFoundError:
-    raise FFNError(f"{parsed.path}: file not found ({field})") from None
-  except OSError as e:
-    raise FFNError(f"{parsed.path}: not a readable HDF5 file ({field}: {e})") from None
-  ds = f.get(parsed.dataset)
-  if not isinstance(ds, h5py.Dataset):
-    f.close()
-    raise FFNError(f"{parsed.path}: no dataset {parsed.dataset!r} ({field})")
-  return f, ds
-
-
-def read_box(spec: str, field: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
-             channels: int | None = None, fill_outside: bool = False) -> np.ndarray:
-  """Reads the z,y,x box ``corner_zyx`` + ``shape_zyx`` of an HDF5 dataset.
-
-  ``channels`` None: the dataset is 3D (z,y,x) or 4D (channel,z,y,x; channel 0 is read) and the
-  result is z,y,x. ``channels`` n: the dataset must be 4D with at least n channels; the result is
-  channels 0..n-1, (n,z,y,x). ``fill_outside``: voxels of the box outside the dataset are 0
-  (otherwise a box not inside the dataset is an FFNError).
-  """
-  f, ds = _open_dataset(spec, field)
-  with f:
-    if channels is not None and (ds.ndim != 4 or ds.shape[0] < channels):
-      raise FFNError(f"{spec}: {field} must be 4D (channel,z,y,x) with at least {channels} channels, "
-                     f"got shape {ds.shape}")
-    if ds.ndim not in (3, 4):
-      raise FFNError(f"{spec}: {field} must be 3D (z,y,x) or 4D (channel,z,y,x), got shape {ds.shape}")
-    spatial = np.array(ds.shape[-3:], dtype=np.int64)
-    lo = np.array(corner_zyx, dtype=np.int64)
-    hi = lo + np.array(shape_zyx, dtype=np.int64)
-    if not fill_outside and (np.any(lo < 0) or np.any(hi > spatial)):
-      raise FFNError(f"{spec}: {field} of shape {spatial.tolist()[::-1]} (x,y,z) does not cover the "
-                     f"box at {lo.tolist()[::-1]} of size {list(shape_zyx)[::-1]} (x,y,z)")
-    lead: tuple = () if ds.ndim == 3 else ((0,) if channels is None else (slice(0, channels),))
-    out = np.zeros(((channels,) if channels is not None else ()) + tuple((hi - lo).tolist()), ds.dtype)
-    clo, chi = np.clip(lo, 0, spatial), np.clip(hi, 0, spatial)
-    if np.all(chi > clo):
-      dst = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(clo, chi, lo))
-      out[(Ellipsis,) + dst] = ds[lead + tuple(slice(int(a), int(b)) for a, b in zip(clo, chi))]
-  return out
-
-
-def read_labels(spec: str, field: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int]) -> np.ndarray:
-  """An integer label box (z,y,x) of a 3D dataset or channel 0 of a 4D one; non-negative ids."""
-  f, ds = _open_dataset(spec, field)
-  with f:
-    check_dtype(f"{spec} ({field})", ds.dtype, "uib")
-  labels = read_box(spec, field, corner_zyx, shape_zyx)
-  if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
-    raise FFNError(f"{spec}: {field} has negative ids (min {labels.min()}); ids must be >= 0")
-  return labels
-
-
 class ShiftMask:
   """Blocks FoV positions near large inter-slice shifts (see the module docstring).
 
@@ -185,6 +124,6 @@ class ShiftMask:
     last = corner + np.array(shape_zyx, dtype=np.int64) - 1
     lo = np.array([corner[0], corner[1] // scale, corner[2] // scale])
     hi = np.array([last[0], last[1] // scale, last[2] // scale]) + 1
-    shifts = read_box(spec, "shift_mask", lo, hi - lo, channels=2, fill_outside=True)
+    shifts = read_h5_box(spec, lo, hi - lo, channels=2, fill_outside=True, what="shift_mask")
     distorted = np.max(np.abs(shifts.astype(np.float64)), axis=0) >= threshold
     return cls(distorted, corner_zyx, scale, fov_start_zyx, fov_size_zyx)

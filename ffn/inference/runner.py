@@ -22,10 +22,10 @@ from ffn.errors import FFNError
 from ffn.inference import inference_pb2, storage
 from ffn.inference.canvas import Canvas, Predictor
 from ffn.inference.counters import Counters, timer_counter
-from ffn.inference.masks import ShiftMask, build_mask, read_labels
+from ffn.inference.masks import ShiftMask, build_mask
 from ffn.inference.request import hdf5_spec
 from ffn.inference.seed import make_policy
-from ffn.io.volumes import Volume, check_box_inside, check_dtype
+from ffn.io.volumes import Volume, check_box_inside, check_dtype, read_label_box
 
 _log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class Runner:
     if self.request.HasField("init_segmentation"):
       spec = hdf5_spec(self.request.init_segmentation, "init_segmentation")
       with timer_counter(self.counters, "load-init-segmentation"):
-        labels = read_labels(spec, "init_segmentation", corner, image.shape)
+        labels = read_label_box(spec, corner, image.shape, what="init_segmentation")
       canvas.init_segmentation(labels, f"{spec} (init_segmentation)")
     canvas.stop_requested = self.stop_requested
     return canvas

@@ -126,20 +126,7 @@ class Volume:
     self._tiff = None
     path = self.spec.path
     if self.spec.dataset is not None:
-      if not os.path.exists(path):
-        raise FFNError(f"{path}: file not found (volume {self.spec})")
-      try:
-        self._h5 = h5py.File(path, "r")
-      except OSError as e:
-        raise FFNError(f"{path}: not a readable HDF5 file ({e})") from None
-      if self.spec.dataset not in self._h5:
-        names = _list_datasets(self._h5)
-        self._h5.close()
-        raise FFNError(f"{path}: no dataset {self.spec.dataset!r} (datasets: {', '.join(names) or 'none'})")
-      ds = self._h5[self.spec.dataset]
-      if not isinstance(ds, h5py.Dataset):
-        self._h5.close()
-        raise FFNError(f"{path}:{self.spec.dataset} is a group, not a dataset")
+      self._h5, ds = open_h5_dataset(self.spec)
       if ds.ndim != 3:
         self._h5.close()
         raise FFNError(f"{path}:{self.spec.dataset}: expected a 3D (z,y,x) dataset, got shape {ds.shape}")
@@ -220,6 +207,78 @@ def _list_datasets(f: h5py.File) -> list[str]:
   names: list[str] = []
   f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
   return names
+
+
+def open_h5_dataset(spec: str | VolumeSpec, what: str = "") -> tuple[h5py.File, h5py.Dataset]:
+  """Opens ``path.h5:dataset`` for reading; returns (file, dataset), the caller closes the file.
+
+  Any problem (not an HDF5 spec, no file, unreadable, no such dataset, a group) is one FFNError
+  naming the file and, if given, ``what`` the volume is for (e.g. a request field).
+  """
+  spec = parse_spec(spec) if isinstance(spec, str) else spec
+  why = f" ({what})" if what else ""
+  if spec.dataset is None:
+    raise FFNError(f"{spec.path}: expected an HDF5 volume 'file.h5:dataset'{why}")
+  if not os.path.exists(spec.path):
+    raise FFNError(f"{spec.path}: file not found (volume {spec}){why}")
+  try:
+    f = h5py.File(spec.path, "r")
+  except OSError as e:
+    raise FFNError(f"{spec.path}: not a readable HDF5 file ({e}){why}") from None
+  if spec.dataset not in f:
+    names = _list_datasets(f)
+    f.close()
+    raise FFNError(f"{spec.path}: no dataset {spec.dataset!r} (datasets: {', '.join(names) or 'none'})"
+                   f"{why}")
+  ds = f[spec.dataset]
+  if not isinstance(ds, h5py.Dataset):
+    f.close()
+    raise FFNError(f"{spec.path}:{spec.dataset} is a group, not a dataset{why}")
+  return f, ds
+
+
+def read_h5_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
+                channels: int | None = None, fill_outside: bool = False, what: str = "") -> np.ndarray:
+  """Reads the z,y,x box ``corner_zyx`` + ``shape_zyx`` of a 3D or 4D HDF5 dataset.
+
+  ``channels`` None: the dataset is 3D (z,y,x) or 4D (channel,z,y,x; channel 0 is read) and the
+  result is z,y,x. ``channels`` n: the dataset must be 4D with at least n channels; the result is
+  channels 0..n-1, (n,z,y,x). ``fill_outside``: voxels of the box outside the dataset are 0
+  (otherwise a box not inside the dataset is an FFNError). ``what``: named in errors.
+  """
+  f, ds = open_h5_dataset(spec, what)
+  where = f"{spec}" + (f" ({what})" if what else "")
+  with f:
+    if channels is not None and (ds.ndim != 4 or ds.shape[0] < channels):
+      raise FFNError(f"{where}: must be 4D (channel,z,y,x) with at least {channels} channels, "
+                     f"got shape {ds.shape}")
+    if ds.ndim not in (3, 4):
+      raise FFNError(f"{where}: must be 3D (z,y,x) or 4D (channel,z,y,x), got shape {ds.shape}")
+    spatial = np.array(ds.shape[-3:], dtype=np.int64)
+    lo = np.array(corner_zyx, dtype=np.int64)
+    hi = lo + np.array(shape_zyx, dtype=np.int64)
+    if not fill_outside and (np.any(lo < 0) or np.any(hi > spatial)):
+      raise FFNError(f"{where}: shape {spatial.tolist()[::-1]} (x,y,z) does not cover the box at "
+                     f"{lo.tolist()[::-1]} of size {list(shape_zyx)[::-1]} (x,y,z)")
+    lead: tuple = () if ds.ndim == 3 else ((0,) if channels is None else (slice(0, channels),))
+    out = np.zeros(((channels,) if channels is not None else ()) + tuple((hi - lo).tolist()), ds.dtype)
+    clo, chi = np.clip(lo, 0, spatial), np.clip(hi, 0, spatial)
+    if np.all(chi > clo):
+      dst = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(clo, chi, lo))
+      out[(Ellipsis,) + dst] = ds[lead + tuple(slice(int(a), int(b)) for a, b in zip(clo, chi))]
+  return out
+
+
+def read_label_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
+                   what: str = "") -> np.ndarray:
+  """:func:`read_h5_box` for object ids: an integer dtype and no negative id, else FFNError."""
+  f, ds = open_h5_dataset(spec, what)
+  with f:
+    check_dtype(f"{spec}" + (f" ({what})" if what else ""), ds.dtype, "uib")
+  labels = read_h5_box(spec, corner_zyx, shape_zyx, what=what)
+  if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+    raise FFNError(f"{spec}: has negative ids (min {labels.min()}; {what}); ids must be >= 0")
+  return labels
 
 
 def check_box_inside(box: BoundingBox, shape_zyx: Sequence[int], where: str) -> None:
