@@ -83,15 +83,19 @@ def test_executor_batches_calls_of_concurrent_clients_and_routes_results_back():
 
 
 def test_executor_does_not_wait_for_a_client_that_has_finished():
+  import time
   calls = []
   with BatchExecutor(lambda x: calls.append(x.shape[0]) or x[..., :1], batch_size=8,
                      max_wait_s=30.0) as executor:
     with executor.client() as early:
       early(np.zeros((1, 2, 2, 2, 2), np.float32))
+    start = time.monotonic()
     with executor.client() as late:  # alone now: its calls must not wait 30 s for a full batch
       for _ in range(3):
         late(np.zeros((1, 2, 2, 2, 2), np.float32))
+    waited = time.monotonic() - start
   assert calls == [1, 1, 1, 1]
+  assert waited < 5.0  # a leaked registration would make each call wait max_wait_s
 
 
 def test_executor_error_reaches_the_waiting_client():

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from ffn.inference.canvas import InferenceInterrupted
 from ffn.inference.counters import Counters, timer_counter
 from ffn.progress import Progress, track
 
@@ -222,8 +223,9 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
 
   Boxes whose result exists are skipped. Network calls of the running canvases are batched (up to
   ``batch_size``). Each box is saved, checkpointed and resumed on its own, exactly as
-  :meth:`Runner.run` does; the first failure (or a stop request) is re-raised after the other
-  running canvases have stopped.
+  :meth:`Runner.run` does. A failure (or a stop request) stops every running canvas at its next
+  step (each saves its checkpoint) and no further box starts; then the failure is re-raised
+  (:class:`~ffn.inference.canvas.InferenceInterrupted` for a stop request).
   """
   paths = [runner.paths(box)[0] for box in boxes]
   todo = [box for box in boxes if not runner.is_done(box)]
@@ -253,7 +255,7 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
         runner.request_stop()  # at once: no further box may start, running ones checkpoint
         raise
 
-    first_error: BaseException | None = None
+    errors: list[BaseException] = []
     with futures.ThreadPoolExecutor(concurrent_requests, thread_name_prefix="ffn-canvas") as pool, \
         Progress(len(todo), "subvolumes", unit="subvolume", log_every_s=60.0) as progress:
       jobs = [pool.submit(one, box) for box in todo]
@@ -263,13 +265,12 @@ def segment_boxes(runner: "Runner", boxes: Sequence["BoundingBox"], batch_size: 
           progress.update()
         except _Skipped:
           continue
-        except BaseException as e:  # noqa: BLE001 - stop the rest, then re-raise the first
-          if first_error is None:
-            first_error = e
-            runner.request_stop()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once every canvas stopped
+          errors.append(e)
   runner.counters.add(executor_counters)
-  if first_error is not None:
-    raise first_error
+  if errors:
+    # The cause, not the InferenceInterrupted of the canvases it stopped (if it was not a stop).
+    raise next((e for e in errors if not isinstance(e, InferenceInterrupted)), errors[0])
   calls = max(executor_counters["executor-batches"], 1)
   _log.info("executor: %d network calls for %d inputs (mean batch %.2f)", calls,
             executor_counters["executor-inputs"], executor_counters["executor-inputs"] / calls)
