@@ -1,8 +1,8 @@
 """Split consensus: cut the objects of one segmentation along the objects of another.
 
 Pure numpy on z,y,x label arrays (any integer dtype, ids >= 0, 0 = background). The rule and the
-numbering are google/ffn's ``segmentation.split_segmentation_by_intersection``, so results are
-identical voxel for voxel:
+numbering follow google/ffn's ``segmentation.split_segmentation_by_intersection`` as read from its
+source (google's code cannot run here; the tests check a slow pair-by-pair reading of the rule):
 
 * every voxel gets the pair (id1, id2) of its ids in the two segmentations; a pair with id1 = 0, or
   with fewer than ``min_size`` voxels, becomes 0 -- (id1, 0) is a valid pair, so voxels that only
