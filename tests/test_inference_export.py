@@ -149,3 +149,14 @@ def test_neuroglancer_link_opens_every_exported_layer(tmp_path):
   assert [(layer["name"], layer["type"], layer["source"]) for layer in state["layers"]] == [
       ("image", "image", "precomputed://http://localhost:8000/image"),
       ("segmentation", "segmentation", "precomputed://http://localhost:8000/segmentation")]
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+  import socket
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err

@@ -70,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
   if not os.path.isdir(args.directory):
     raise FFNError(f"{args.directory}: not a directory")
   handler = functools.partial(CORSRequestHandler, directory=args.directory)
-  with http.server.ThreadingHTTPServer((args.bind, args.port), handler) as server:
+  try:
+    server = http.server.ThreadingHTTPServer((args.bind, args.port), handler)
+  except OSError as e:
+    raise FFNError(f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); "
+                   "choose another --port") from None
+  with server:
     base = f"http://{'localhost' if args.bind in ('127.0.0.1', '0.0.0.0') else args.bind}:{args.port}"
     print(f"serving {os.path.abspath(args.directory)} at {base}/ (Ctrl-C stops)")
     layers = precomputed_layers(args.directory)
