@@ -145,3 +145,15 @@ def test_compute_options_reach_the_model(setup):
 def test_bad_executor_flags(setup, capsys, flag):
   code = main(["run_inference", f"--inference_request={write_request(setup)}", flag])
   assert code == 2 and flag.split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--subvolume_size=0,20,20"], "subvolume size must be positive"),
+    (["--subvolume_size=20,20"], "--subvolume_size: expected 3 integers"),
+    (["--subvolume_size=20,20,20", "--overlap=20,0,0"], "overlap must be >= 0 and smaller"),
+])
+def test_bad_subvolume_flags(setup, capsys, flags, expect):
+  code = main(["run_inference", f"--inference_request={write_request(setup)}", *flags])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and expect in err and len(err.splitlines()) == 1
+  assert not os.path.exists(setup["out"])  # nothing written
