@@ -95,7 +95,7 @@ def test_missing_request_file(setup, capsys):
 
 def test_fields_google_ignores_are_named():
   from ffn.inference.request import parse_request
-  from ffn.inference.runner import google_ignored_request_fields
+  from ffn.inference.request import google_ignored_request_fields
   request = parse_request('image { hdf5: "a.h5:raw" } batch_size: 4 reference_histogram: "h.npy" '
                           'inference_options { consistency_threshold: 0.5 } '
                           'movement_policy_args: "{}" '
@@ -112,7 +112,7 @@ def test_fields_google_ignores_are_named():
 ])
 def test_movement_policy_args(args, expect):
   from ffn.inference.request import parse_request
-  from ffn.inference.runner import movement_policy_kwargs
+  from ffn.inference.request import movement_policy_kwargs
   request = parse_request('image { hdf5: "a.h5:raw" }')
   request.movement_policy_args = args
   assert movement_policy_kwargs(request) == expect
@@ -126,7 +126,7 @@ def test_movement_policy_args(args, expect):
 ])
 def test_bad_movement_policy_args(args, expect):
   from ffn.inference.request import parse_request
-  from ffn.inference.runner import movement_policy_kwargs
+  from ffn.inference.request import movement_policy_kwargs
   request = parse_request('image { hdf5: "a.h5:raw" }')
   request.movement_policy_args = args
   with pytest.raises(FFNError, match=expect):

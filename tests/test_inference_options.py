@@ -20,7 +20,7 @@ from ffn.inference import inference_pb2, seed as seed_lib, storage
 from ffn.inference.canvas import MAX_SELF_CONSISTENT_ITERS, Canvas, _SeedProgress
 from ffn.inference.masks import ShiftMask
 from ffn.inference.request import parse_request
-from ffn.inference.runner import check_request, google_ignored_request_fields
+from ffn.inference.request import check_request, google_ignored_request_fields
 from ffn.progress import Progress
 from test_inference_canvas import DELTAS, FOV, _runner, blobs_image, options, oracle
 

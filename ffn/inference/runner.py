@@ -8,9 +8,7 @@ saves a checkpoint at the next network evaluation and raises
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import threading
 import time
@@ -23,139 +21,12 @@ from ffn.inference import inference_pb2, storage
 from ffn.inference.canvas import Canvas, Predictor
 from ffn.inference.counters import Counters, timer_counter
 from ffn.inference.masks import ShiftMask, build_mask
-from ffn.inference.request import hdf5_spec
+from ffn.inference.request import (check_request, hdf5_spec, image_spec, movement_policy_kwargs,
+                                   shift_mask_spec)
 from ffn.inference.seed import make_policy
 from ffn.io.volumes import Volume, check_box_inside, check_dtype, read_label_box
 
 _log = logging.getLogger(__name__)
-
-
-def image_spec(request: inference_pb2.InferenceRequest) -> str:
-  """The request's image as ``path.h5:dataset``."""
-  which = request.image.WhichOneof("volume_path")
-  if which != "hdf5":
-    raise FFNError("inference request: 'image { hdf5: \"file.h5:dataset\" }' is required"
-                   + (" (volinfo volumes are not supported)" if which == "volinfo" else ""))
-  if request.image.hdf5.count(":") != 1:
-    raise FFNError(f"inference request: image.hdf5 must be 'file.h5:dataset', got {request.image.hdf5!r}")
-  return request.image.hdf5
-
-
-def check_request(request: inference_pb2.InferenceRequest) -> None:
-  """Checks what can be checked without loading anything big; raises FFNError on the first problem.
-
-  Logs one warning naming the set fields that google/ffn HEAD ignores, and so does this runner
-  (:func:`google_ignored_request_fields`).
-  """
-  image_spec(request)
-  if not request.segmentation_output_dir:
-    raise FFNError("inference request: segmentation_output_dir is not set")
-  if not request.model_checkpoint_path:
-    raise FFNError("inference request: model_checkpoint_path is not set")
-  if not request.HasField("image_stddev") or request.image_stddev <= 0:
-    raise FFNError("inference request: image_stddev must be set and positive")
-  opts = request.inference_options
-  for name in ("init_activation", "pad_value", "move_threshold", "segment_threshold"):
-    value = getattr(opts, name)
-    if not 0.0 < value < 1.0:
-      raise FFNError(f"inference request: inference_options.{name} must be a probability in (0, 1), "
-                     f"got {value}")
-  if not math.isfinite(opts.consistency_threshold):
-    raise FFNError("inference request: inference_options.consistency_threshold must be a number, "
-                   f"got {opts.consistency_threshold}")
-  if request.movement_policy_name not in ("", "FaceMaxMovementPolicy", "movement.FaceMaxMovementPolicy"):
-    raise FFNError(f"inference request: movement_policy_name {request.movement_policy_name!r} is not "
-                   "supported (only FaceMaxMovementPolicy)")
-  make_policy(request.seed_policy, request.seed_policy_args)
-  _check_alignment(request)
-  if request.HasField("init_segmentation"):
-    hdf5_spec(request.init_segmentation, "init_segmentation")
-  _check_shift_mask(request)
-  movement_policy_kwargs(request)
-  unused = google_ignored_request_fields(request)
-  if unused:
-    _log.warning("inference request: these fields are set but ignored, as google/ffn (HEAD) ignores "
-                 "them too: %s", ", ".join(unused))
-
-
-def _check_alignment(request: inference_pb2.InferenceRequest) -> None:
-  """Only NO_ALIGNMENT: google/ffn raises NotImplementedError for any other type (UNKNOWN_ALIGNMENT
-  included, when it is set explicitly)."""
-  kind = request.alignment_options.type  # NO_ALIGNMENT when unset
-  if kind != inference_pb2.AlignmentOptions.NO_ALIGNMENT:
-    try:
-      name = inference_pb2.AlignmentOptions.AlignType.Name(kind)
-    except ValueError:
-      name = str(kind)
-    raise FFNError(f"inference request: alignment_options.type {name} is not supported (only "
-                   "NO_ALIGNMENT; google/ffn does not implement other alignments either)")
-
-
-def _shift_mask_spec(request: inference_pb2.InferenceRequest) -> str | None:
-  """The shift mask's ``file.h5:dataset``, or None when there is none (google ignores a
-  ``shift_mask`` message without a volume path)."""
-  if not request.HasField("shift_mask") or request.shift_mask.WhichOneof("volume_path") is None:
-    return None
-  return hdf5_spec(request.shift_mask, "shift_mask")
-
-
-def _check_shift_mask(request: inference_pb2.InferenceRequest) -> None:
-  if _shift_mask_spec(request) is None:
-    return
-  if request.HasField("shift_mask_scale") and request.shift_mask_scale <= 0:
-    raise FFNError(f"inference request: shift_mask_scale must be positive, got {request.shift_mask_scale}")
-  if not request.HasField("shift_mask_threshold") or request.shift_mask_threshold <= 0:
-    raise FFNError("inference request: shift_mask_threshold must be set and positive when shift_mask is "
-                   "given (google/ffn would use 0 and block every position)")
-  if request.HasField("shift_mask_fov"):
-    size = request.shift_mask_fov.size
-    if min(size.x, size.y, size.z) <= 0:
-      raise FFNError("inference request: shift_mask_fov.size must be positive in x, y and z, got "
-                     f"{[size.x, size.y, size.z]}")
-
-
-def movement_policy_kwargs(request: inference_pb2.InferenceRequest) -> dict:
-  """``movement_policy_args`` as keyword overrides of the FaceMaxMovementPolicy, as google reads it.
-
-  Accepted keys: ``deltas`` (the move step, **z,y,x** -- google hands the list to the policy as
-  is) and ``score_threshold`` (the minimum face logit for a move, in **logit** units, default
-  ``logit(move_threshold)``). Returns ``{"deltas_zyx": ..., "score_threshold": ...}`` with the
-  keys that were given.
-  """
-  if not request.movement_policy_args:
-    return {}
-  try:
-    args = json.loads(request.movement_policy_args)
-  except json.JSONDecodeError as e:
-    raise FFNError(f"inference request: movement_policy_args is not valid JSON ({e.msg}): "
-                   f"{request.movement_policy_args!r}") from None
-  if not isinstance(args, dict) or set(args) - {"deltas", "score_threshold"}:
-    raise FFNError("inference request: movement_policy_args must be a JSON object with 'deltas' "
-                   f"(z,y,x) and/or 'score_threshold' (logit), got {request.movement_policy_args!r}")
-  out: dict = {}
-  if "deltas" in args:
-    deltas = args["deltas"]
-    if (not isinstance(deltas, list) or len(deltas) != 3
-        or not all(isinstance(d, int) and d >= 0 for d in deltas)):
-      raise FFNError(f"inference request: movement_policy_args deltas must be 3 integers >= 0 "
-                     f"(z,y,x), got {deltas!r}")
-    out["deltas_zyx"] = tuple(deltas)
-  if "score_threshold" in args:
-    value = args["score_threshold"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-      raise FFNError(f"inference request: movement_policy_args score_threshold must be a number "
-                     f"(logit), got {value!r}")
-    out["score_threshold"] = float(value)
-  return out
-
-
-def google_ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:
-  """Names of set fields that google/ffn HEAD ignores as well (its older Runner used them for
-  histogram matching and self-prediction halting; both were removed)."""
-  unused = [name for name in ("reference_histogram", "self_prediction") if request.HasField(name)]
-  if request.histogram_masks:
-    unused.append("histogram_masks")
-  return unused
 
 
 class Runner:
@@ -228,8 +99,8 @@ class Runner:
     movement = movement_policy_kwargs(self.request)
     canvas = Canvas(image, self.request.inference_options, predict or self.predict, self.fov_size_zyx,
                     movement.get("deltas_zyx", self.deltas_zyx),
-                    move_score_threshold=movement.get("score_threshold"), corner_zyx=corner, restrictor_mask=mask, seed_mask=seed_mask,
-                    shift_mask=shift_mask,
+                    move_score_threshold=movement.get("score_threshold"), corner_zyx=corner,
+                    restrictor_mask=mask, seed_mask=seed_mask, shift_mask=shift_mask,
                     checkpoint_path=cpoint, checkpoint_interval_sec=self.request.checkpoint_interval,
                     counters=self.counters if counters is None else counters)
     if self.request.HasField("init_segmentation"):
@@ -244,7 +115,7 @@ class Runner:
     """The request's shift mask for the box at ``corner_zyx`` (google's ``make_restrictor`` part,
     no alignment). ``shift_mask_scale`` unset means 1; ``shift_mask_fov`` unset means the
     network's FoV centred on the position."""
-    spec = _shift_mask_spec(self.request)
+    spec = shift_mask_spec(self.request)
     if spec is None:
       return None
     scale = self.request.shift_mask_scale if self.request.HasField("shift_mask_scale") else 1

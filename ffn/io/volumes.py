@@ -19,7 +19,6 @@ import dataclasses
 import glob
 import os
 import re
-from pathlib import Path
 from typing import Sequence
 
 import h5py
