@@ -66,16 +66,19 @@ def test_colors_distinct_and_background_grey():
 
 
 def _read_precomputed(layer_dir):
-  """Reassembles a raw-encoded precomputed layer into a z,y,x array (test-side reader)."""
+  """Reassembles a raw-encoded precomputed layer into a z,y,x array (test-side reader); chunk
+  names are absolute voxel ranges x0-x1_y0-y1_z0-z1, so the scale's voxel_offset is subtracted."""
   import json
   info = json.loads((layer_dir / "info").read_text())
   scale = info["scales"][0]
   sx, sy, sz = scale["size"]
+  ox, oy, oz = scale["voxel_offset"]
   dtype = np.dtype(info["data_type"]).newbyteorder("<")
   out = np.zeros((sz, sy, sx), dtype)
   for chunk in (layer_dir / scale["key"]).iterdir():
     (x0, x1), (y0, y1), (z0, z1) = [map(int, r.split("-")) for r in chunk.name.split("_")]
-    out[z0:z1, y0:y1, x0:x1] = np.frombuffer(chunk.read_bytes(), dtype).reshape(z1 - z0, y1 - y0, x1 - x0)
+    block = np.frombuffer(chunk.read_bytes(), dtype).reshape(z1 - z0, y1 - y0, x1 - x0)
+    out[z0 - oz:z1 - oz, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = block
   return info, out
 
 
@@ -113,6 +116,41 @@ def test_precomputed_export_reads_back_with_tensorstore(tmp_path):
     store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{out}/{layer}"}).result()
     assert store.domain.labels == ("x", "y", "z", "channel")
     assert store.dtype.name == dtype
+    xyzc = store.read().result()
+    np.testing.assert_array_equal(xyzc[..., 0].transpose(2, 1, 0), expected.astype(dtype))
+
+
+def _export_precomputed_at_offset(tmp_path, corner_xyz=(7, 130, 65)):
+  """A seg-x_y_z.npz result at ``corner_xyz`` (z,y,x shape (70, 5, 66): two chunks along x and
+  z, the last ones partial) and the image volume it was cut from, exported to ``view``."""
+  rng = np.random.default_rng(6)
+  cx, cy, cz = corner_xyz
+  labels = rng.integers(0, 2**40, (70, 5, 66), dtype=np.int64)
+  volume = rng.integers(0, 255, (cz + 75, cy + 9, cx + 70), dtype=np.uint8)
+  with h5py.File(tmp_path / "raw.h5", "w") as f:
+    f["raw"] = volume
+  path = storage.segmentation_path(str(tmp_path / "res"), (cz, cy, cx))
+  storage.save_subvolume(labels, {}, path)
+  out = tmp_path / "view"
+  assert main(["export", "--segmentation", path, "--format", "precomputed", "--output", str(out),
+               "--image", f"{tmp_path}/raw.h5:raw"]) == 0
+  image = volume[cz:cz + 70, cy:cy + 5, cx:cx + 66]
+  return labels, image, out
+
+
+def test_precomputed_export_at_an_offset_reads_back_with_tensorstore(tmp_path):
+  """A box that does not start at 0 (like the demo's): chunk files carry absolute voxel ranges,
+  so a reader that honours voxel_offset (tensorstore, Neuroglancer) finds every chunk."""
+  import tensorstore as ts
+  corner = (7, 130, 65)
+  labels, image, out = _export_precomputed_at_offset(tmp_path, corner)
+  names = sorted(p.name for p in (out / "segmentation" / "10_10_10").iterdir())
+  assert names == sorted(["7-71_130-135_65-129", "7-71_130-135_129-135",
+                          "71-73_130-135_65-129", "71-73_130-135_129-135"])
+  for layer, expected, dtype in (("segmentation", labels, "uint64"), ("image", image, "uint8")):
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{out}/{layer}"}).result()
+    assert list(store.domain.origin[:3]) == list(corner)
+    assert list(store.domain.exclusive_max[:3]) == [7 + 66, 130 + 5, 65 + 70]
     xyzc = store.read().result()
     np.testing.assert_array_equal(xyzc[..., 0].transpose(2, 1, 0), expected.astype(dtype))
 

@@ -113,8 +113,10 @@ def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: 
   """Writes a z,y,x array as one Neuroglancer *precomputed* layer (raw encoding, one scale).
 
   ``directory/info`` describes the volume; each chunk is a file ``x0-x1_y0-y1_z0-z1`` under the
-  scale key, holding little-endian voxels with x varying fastest (i.e. C order of z,y,x). The folder
-  is built under a temporary name and renamed, so a reader never sees half a layer.
+  scale key, holding little-endian voxels with x varying fastest (i.e. C order of z,y,x). Chunk
+  names are absolute voxel ranges, as the format requires: ``x0 = voxel_offset_x + i * chunk``,
+  ``x1 = min(x0 + chunk, voxel_offset_x + size_x)`` (likewise y, z). The folder is built under a
+  temporary name and renamed, so a reader never sees half a layer.
   """
   import json
   import shutil
@@ -138,11 +140,12 @@ def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: 
       json.dump(info, f, indent=1)
     os.mkdir(os.path.join(tmp, key))
     nz, ny, nx = data.shape
+    ox, oy, oz = (int(v) for v in voxel_offset_xyz)
     for z0 in range(0, nz, chunk):
       for y0 in range(0, ny, chunk):
         for x0 in range(0, nx, chunk):
           z1, y1, x1 = min(z0 + chunk, nz), min(y0 + chunk, ny), min(x0 + chunk, nx)
-          name = f"{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+          name = f"{ox + x0}-{ox + x1}_{oy + y0}-{oy + y1}_{oz + z0}-{oz + z1}"
           with open(os.path.join(tmp, key, name), "wb") as f:
             f.write(np.ascontiguousarray(data[z0:z1, y0:y1, x0:x1]).tobytes())
     if os.path.exists(directory):
