@@ -24,13 +24,20 @@ needs_slurm = pytest.mark.skipif(not SLURM and not os.environ.get("CI"),
                                  reason="no Slurm controller answers (start scripts/start-local-slurm.sh)")
 
 
+SAMPLE_CROP = REPO_ROOT / "sample_data" / "fib25" / "training_sample2_crop.h5"
+
+
 @pytest.fixture(scope="module")
-def crop_data(fib25_dir, tmp_path_factory):
-  """A 48^3 crop of training_sample2 (raw + body labels) and 100 google-format coordinates."""
+def crop_data(tmp_path_factory):
+  """A 48^3 corner (z,y,x) of the shipped 150^3 training_sample2 crop (raw uint8 + stack int64 body
+  labels) and 100 google-format coordinates: runs in a fresh clone, without ../shared."""
   from ffn.data.coordinates import write_coordinates
+  if not SAMPLE_CROP.exists():
+    pytest.fail(f"{SAMPLE_CROP} is missing from the checkout", pytrace=False)
   root = tmp_path_factory.mktemp("distcrop")
-  with h5py.File(fib25_dir / "training_sample2.h5", "r") as f:
+  with h5py.File(SAMPLE_CROP, "r") as f:
     raw, stack = f["raw"][:48, :48, :48], f["stack"][:48, :48, :48]
+  assert raw.dtype == np.uint8 and stack.dtype == np.int64 and len(np.unique(stack)) > 1
   with h5py.File(root / "crop.h5", "w") as f:
     f["raw"], f["stack"] = raw, stack
   centers = np.random.default_rng(0).integers(8, 40, size=(100, 3))
