@@ -10,6 +10,12 @@ Every command that can fan work out offers the same flags (:func:`add_slurm_argu
   --slurm_array_parallelism N        --slurm_job_name NAME  --slurm_log_dir DIR
   --slurm_param KEY[=VALUE]          (repeatable) any other sbatch option, e.g. gres=gpu:a100:1
   --slurm_setup LINE                 (repeatable) shell line run before the task (module load ...)
+  --slurm_strict                     refuse a request no node can ever run (default: warn)
+
+Before a Slurm submission the request is checked against ``sinfo`` (:func:`check_fits`): a job
+that needs more CPUs, memory or GPUs than any node of its partition has, a missing partition or
+node feature, a time above the partition's limit or more nodes than qualify would stay pending
+for ever; it is logged as a warning, or refused with ``--slurm_strict``.
 
 Nothing has a site-specific default: without ``--slurm_partition``/``--slurm_account`` the
 cluster's defaults apply. The ``local`` cluster runs each task as a subprocess of this machine
@@ -34,6 +40,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -58,6 +65,7 @@ class SlurmOptions:
   ``array_parallelism`` is the most tasks of one array running at once (Slurm's ``--array=...%N``);
   on the local cluster it defaults to the number of CPUs divided by ``cpus_per_task``.
   ``extra`` holds further sbatch options (name without dashes -> value, ``True`` for a bare flag).
+  ``strict``: refuse (FFNError) a Slurm request that no node can ever run, instead of warning.
   """
   cluster: str = "auto"
   partition: str | None = None
@@ -75,6 +83,7 @@ class SlurmOptions:
   log_dir: str | None = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
   setup: list[str] = dataclasses.field(default_factory=list)
+  strict: bool = False
 
   def __post_init__(self) -> None:
     if self.cluster not in CLUSTERS:
@@ -99,7 +108,8 @@ class SlurmOptions:
         mem_gb=args.slurm_mem_gb, account=args.slurm_account, qos=args.slurm_qos,
         constraint=args.slurm_constraint, array_parallelism=args.slurm_array_parallelism,
         job_name=args.slurm_job_name, log_dir=args.slurm_log_dir,
-        extra=parse_sbatch_params(args.slurm_param), setup=list(args.slurm_setup))
+        extra=parse_sbatch_params(args.slurm_param), setup=list(args.slurm_setup),
+        strict=args.slurm_strict)
 
 
 def parse_sbatch_params(items: Sequence[str]) -> dict[str, Any]:
@@ -150,6 +160,10 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
                      help="any other sbatch option, repeatable (e.g. gres=gpu:1, exclusive)")
   group.add_argument("--slurm_setup", action="append", default=[], metavar="LINE",
                      help="shell line run before each job, repeatable (e.g. 'module load cuda')")
+  group.add_argument("--slurm_strict", action="store_true",
+                     help="refuse a request that no node of the Slurm cluster can ever run (CPUs, "
+                          "memory, GPUs per node, partition, feature, time limit, node count per "
+                          "`sinfo`) instead of warning and submitting a job that stays pending")
 
 
 def slurm_available(timeout_s: float = 15.0) -> bool:
@@ -172,6 +186,192 @@ def resolve_cluster(cluster: str) -> str:
     raise FFNError("--cluster slurm: no Slurm controller answers (sbatch/srun/sinfo missing from "
                    "PATH, or `sinfo` fails); use --cluster local to run on this machine")
   return cluster
+
+
+# `sinfo --Node` fields, one line per node and partition: node, partition (default marked "*"),
+# CPUs, memory (MB), generic resources, available features, partition time limit.
+SINFO_NODE_FORMAT = "%N|%P|%c|%m|%G|%f|%l"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmNode:
+  """One node of one partition as ``sinfo --Node`` lists it (a node in two partitions is two)."""
+  name: str
+  partition: str
+  cpus: int
+  memory_mb: int
+  gpus: int
+  features: frozenset[str]
+  time_limit_min: int | None  # the partition's; None: unlimited
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmCluster:
+  """What a Slurm cluster offers: its nodes per partition and its default partition (or None)."""
+  nodes: tuple[SlurmNode, ...]
+  default_partition: str | None
+
+  @property
+  def partitions(self) -> list[str]:
+    """Partition names in ``sinfo``'s order."""
+    return list(dict.fromkeys(node.partition for node in self.nodes))
+
+  def describe(self, partition: str) -> str:
+    """One phrase: the nodes of ``partition`` and what each offers, e.g. ``1 node (vm: 4 CPUs,
+    20489 MB, 0 GPUs)``; nodes offering the same are grouped."""
+    nodes = [n for n in self.nodes if n.partition == partition]
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for n in nodes:
+      groups.setdefault((n.cpus, n.memory_mb, n.gpus), []).append(n.name)
+    parts = [f"{','.join(names)}: {cpus} CPUs, {mem} MB, {gpus} GPUs"
+             for (cpus, mem, gpus), names in groups.items()]
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} ({'; '.join(parts)})"
+
+
+def parse_slurm_time(text: str) -> int | None:
+  """Minutes of a Slurm time limit (``infinite``, ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``,
+  ``D-HH:MM``, ``D-HH:MM:SS``); None for no limit. Seconds round up to a whole minute."""
+  text = text.strip()
+  if text.lower() in ("infinite", "unlimited", "n/a", "none", ""):
+    return None
+  days, _, rest = text.rpartition("-")
+  try:
+    fields = [int(f) for f in rest.split(":")]
+    day_count = int(days) if days else 0
+  except ValueError:
+    raise FFNError(f"sinfo: cannot read the time limit {text!r}") from None
+  if days:  # D-HH[:MM[:SS]]
+    fields += [0] * (3 - len(fields))
+    hours, minutes, seconds = fields[:3]
+  elif len(fields) == 3:
+    hours, minutes, seconds = fields
+  elif len(fields) == 2:
+    hours, (minutes, seconds) = 0, fields
+  else:
+    hours, minutes, seconds = 0, fields[0], 0
+  return (day_count * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+
+
+def _gres_gpus(gres: str) -> int:
+  """GPUs in a Slurm gres list: ``gpu:4``, ``gpu:a100:2(S:0-1),gpu:v100:1`` -> 4, 3; else 0."""
+  total = 0
+  for item in gres.split(","):
+    fields = item.split("(")[0].split(":")
+    if fields[0] == "gpu":
+      total += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+  return total
+
+
+def parse_sinfo_nodes(text: str) -> SlurmCluster:
+  """Parses ``sinfo --Node --noheader --format=SINFO_NODE_FORMAT`` output.
+
+  A ``*`` after a partition name marks the default partition. A memory or CPU count with a
+  trailing ``+`` (a node group differing in it) counts as its stated minimum.
+  """
+  nodes, default = [], None
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    fields = line.strip().split("|")
+    if len(fields) != 7:
+      raise FFNError(f"sinfo: expected 7 fields ({SINFO_NODE_FORMAT}), got {line.strip()!r}")
+    name, partition, cpus, memory, gres, features, limit = fields
+    if partition.endswith("*"):
+      partition = partition[:-1]
+      default = partition
+    try:
+      node = SlurmNode(name=name, partition=partition, cpus=int(cpus.rstrip("+")),
+                       memory_mb=int(memory.rstrip("+")), gpus=_gres_gpus(gres),
+                       features=frozenset(f for f in features.split(",") if f and f != "(null)"),
+                       time_limit_min=parse_slurm_time(limit))
+    except ValueError:
+      raise FFNError(f"sinfo: cannot read the node line {line.strip()!r}") from None
+    nodes.append(node)
+  return SlurmCluster(tuple(nodes), default)
+
+
+def query_cluster(timeout_s: float = 15.0) -> SlurmCluster:
+  """What the Slurm cluster answering ``sinfo`` offers (raises FFNError when it does not answer)."""
+  try:
+    result = subprocess.run(["sinfo", "--Node", "--noheader", f"--format={SINFO_NODE_FORMAT}"],
+                            capture_output=True, text=True, timeout=timeout_s, check=False)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise FFNError(f"sinfo did not answer: {e}") from e
+  if result.returncode != 0:
+    lines = result.stderr.strip().splitlines()
+    raise FFNError(f"sinfo failed: {lines[-1] if lines else f'exit status {result.returncode}'}")
+  return parse_sinfo_nodes(result.stdout)
+
+
+def _requested_gpus(options: SlurmOptions) -> int:
+  """GPUs per node: ``gpus_per_node`` or a ``gres=gpu[:type]:N`` in the extra sbatch options."""
+  gres = options.extra.get("gres")
+  return max(options.gpus_per_node, _gres_gpus(gres) if isinstance(gres, str) else 0)
+
+
+def fit_problems(options: SlurmOptions, cluster: SlurmCluster) -> list[str]:
+  """Why no partition of ``cluster`` can ever run a job of ``options`` (empty: it fits).
+
+  Checked per node: CPUs (``tasks_per_node x cpus_per_task``; ``cpus_per_task`` alone with the
+  sbatch option ``overcommit``), memory (``mem_gb``), GPUs (``gpus_per_node`` or ``gres=gpu:N``)
+  and a ``constraint`` that is one feature name (expressions are not checked); per partition:
+  that it exists, its time limit, and that ``nodes`` of its nodes pass. A job of several
+  partitions (``a,b``) fits when one of them fits. Node states are not considered: a down node
+  may come back, a job too large for every node never starts.
+  """
+  names = [p for p in (options.partition or "").split(",") if p]
+  if not names:
+    if cluster.default_partition is None:
+      return ["no --slurm_partition given and the cluster has no default partition"]
+    names = [cluster.default_partition]
+  known = cluster.partitions
+  problems = [f"partition {p!r} does not exist (sinfo lists {', '.join(known) or 'none'})"
+              for p in names if p not in known]
+  cpus = options.cpus_per_task * (1 if "overcommit" in options.extra else options.tasks_per_node)
+  cpus_why = (f"{cpus} CPUs per node (--slurm_tasks_per_node {options.tasks_per_node} x "
+              f"--slurm_cpus_per_task {options.cpus_per_task})")
+  mem_mb = None if options.mem_gb is None else int(options.mem_gb * 1024)
+  gpus = _requested_gpus(options)
+  feature = options.constraint if options.constraint and re.fullmatch(r"[\w.-]+", options.constraint) \
+      else None
+  per_partition = []
+  for partition in (p for p in names if p in known):
+    nodes = [n for n in cluster.nodes if n.partition == partition]
+    where = f"partition {partition} ({cluster.describe(partition)})"
+    found = []
+    if all(n.cpus < cpus for n in nodes):
+      found.append(f"{where}: needs {cpus_why}, its nodes have at most {max(n.cpus for n in nodes)}")
+    if mem_mb is not None and all(n.memory_mb < mem_mb for n in nodes):
+      found.append(f"{where}: needs {mem_mb} MB per node (--slurm_mem_gb {options.mem_gb:g}), its "
+                   f"nodes have at most {max(n.memory_mb for n in nodes)} MB")
+    if gpus and all(n.gpus < gpus for n in nodes):
+      found.append(f"{where}: needs {gpus} GPUs per node, its nodes have at most "
+                   f"{max(n.gpus for n in nodes)}")
+    if feature is not None and all(feature not in n.features for n in nodes):
+      offered = sorted(set().union(*(n.features for n in nodes)))
+      found.append(f"{where}: needs node feature {feature!r} (--slurm_constraint), its nodes have "
+                   f"{', '.join(offered) or 'none'}")
+    limit = nodes[0].time_limit_min
+    if limit is not None and options.time_min > limit:
+      found.append(f"{where}: needs {options.time_min} min (--slurm_time_min), its time limit is "
+                   f"{limit} min")
+    if not found:
+      fitting = [n for n in nodes if n.cpus >= cpus and (mem_mb is None or n.memory_mb >= mem_mb)
+                 and n.gpus >= gpus and (feature is None or feature in n.features)]
+      if len(fitting) < options.nodes:
+        needs = [f"{cpus} CPUs"] + ([f"{mem_mb} MB"] if mem_mb is not None else []) + \
+            ([f"{gpus} GPUs"] if gpus else []) + ([f"feature {feature!r}"] if feature else [])
+        found.append(f"{where}: needs {options.nodes} nodes (--slurm_nodes) with {', '.join(needs)} "
+                     f"each, {len(fitting)} qualify")
+    if not found:
+      return problems
+    per_partition.extend(found)
+  return problems + per_partition
+
+
+def check_fits(options: SlurmOptions, cluster: SlurmCluster | None = None) -> list[str]:
+  """:func:`fit_problems` against the running cluster (``sinfo``), or ``cluster`` when given."""
+  return fit_problems(options, query_cluster() if cluster is None else cluster)
 
 
 class JobExecutor(submitit.AutoExecutor):
@@ -201,6 +401,8 @@ def make_executor(options: SlurmOptions, folder: str | Path) -> JobExecutor:
   if cluster != "slurm" and options.nodes > 1:
     raise FFNError(f"--slurm_nodes {options.nodes} needs Slurm: the {cluster} cluster is this "
                    "one machine")
+  if cluster == "slurm":
+    _check_request(options)
   log_root = Path(options.log_dir) if options.log_dir else Path(folder) / "logs"
   log_root = log_root.expanduser().absolute()
   executor = JobExecutor(options, log_root, cluster)
@@ -225,6 +427,22 @@ def make_executor(options: SlurmOptions, folder: str | Path) -> JobExecutor:
   executor.update_parameters(**params)
   _log.info("cluster: %s; job logs under %s/<job id>/", cluster, log_root)
   return executor
+
+
+def _check_request(options: SlurmOptions) -> None:
+  """Warns about (``options.strict``: refuses) a request no node can run (:func:`check_fits`)."""
+  try:
+    problems = check_fits(options)
+  except FFNError as e:
+    if options.strict:
+      raise FFNError(f"--slurm_strict: cannot check the request against the cluster: {e}") from e
+    _log.warning("could not check the request against the cluster: %s", e)
+    return
+  if problems and options.strict:
+    raise FFNError(f"no node of the Slurm cluster can ever run this job: {'; '.join(problems)}")
+  for problem in problems:
+    _log.warning("this job would stay pending for ever: %s (--slurm_strict refuses such requests)",
+                 problem)
 
 
 def submit_array(executor: JobExecutor, fn: Callable[..., Any],

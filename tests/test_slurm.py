@@ -23,8 +23,9 @@ import pytest
 from ffn.axes import BoundingBox
 from ffn.errors import FFNError
 from ffn.io.volumes import read_volume
-from slurm.executor import (JobFailedError, SlurmOptions, add_slurm_arguments, make_executor,
-                            slurm_available, submit_array, wait_all)
+from slurm.executor import (JobFailedError, SlurmOptions, add_slurm_arguments, fit_problems,
+                            make_executor, parse_sinfo_nodes, parse_slurm_time, slurm_available,
+                            submit_array, wait_all)
 
 BOXES = [BoundingBox((0, 0, 0), (4, 5, 6)), BoundingBox((3, 1, 2), (5, 4, 3)),
          BoundingBox((7, 6, 5), (5, 6, 7))]
@@ -80,6 +81,108 @@ def test_defaults_request_nothing_site_specific() -> None:
 def test_bad_options_are_user_errors(argv: list[str], fragment: str) -> None:
   with pytest.raises(FFNError, match=re.escape(fragment)):
     SlurmOptions.from_args(_parse(argv))
+
+
+# ----------------------------------------------------------------------------- request vs sinfo
+
+# `sinfo --Node --noheader --format='%N|%P|%c|%m|%G|%f|%l'` of a cluster with a default CPU
+# partition, a GPU partition and a long partition sharing c1. Values as Slurm prints them.
+SITE_SINFO = """\
+c1|cpu*|64|256000|(null)|avx512,ib|1-00:00:00
+c2|cpu*|64|256000|(null)|avx512|1-00:00:00
+g1|gpu|32|512000|gpu:a100:4(S:0-1)|a100|2-00:00:00
+g2|gpu|32|256000|gpu:a100:2,gpu:v100:2|a100,v100|2-00:00:00
+c1|long|64|256000|(null)|avx512,ib|infinite
+"""
+# The issue's cluster: one node of 2 CPUs.
+TWO_CPU_SINFO = "vm|debug*|2|3900|(null)|(null)|infinite\n"
+TWO_CPU_WHERE = "partition debug (1 node (vm: 2 CPUs, 3900 MB, 0 GPUs))"
+
+
+def test_parse_sinfo_nodes() -> None:
+  cluster = parse_sinfo_nodes(SITE_SINFO)
+  assert cluster.default_partition == "cpu"
+  assert cluster.partitions == ["cpu", "gpu", "long"]
+  assert [(n.name, n.partition, n.cpus, n.memory_mb, n.gpus, n.time_limit_min)
+          for n in cluster.nodes] == [
+      ("c1", "cpu", 64, 256000, 0, 1440), ("c2", "cpu", 64, 256000, 0, 1440),
+      ("g1", "gpu", 32, 512000, 4, 2880), ("g2", "gpu", 32, 256000, 4, 2880),
+      ("c1", "long", 64, 256000, 0, None)]
+  assert cluster.nodes[0].features == {"avx512", "ib"} and cluster.nodes[3].features == {"a100", "v100"}
+  assert cluster.describe("gpu") == "2 nodes (g1: 32 CPUs, 512000 MB, 4 GPUs; g2: 32 CPUs, 256000 MB, 4 GPUs)"
+  assert cluster.describe("cpu") == "2 nodes (c1,c2: 64 CPUs, 256000 MB, 0 GPUs)"
+  # A node group line ("+": its nodes differ) counts as its minimum; no "*": no default partition.
+  grouped = parse_sinfo_nodes("n[1-8]|batch|16+|64000+|gpu:2|(null)|30:00\n")
+  assert grouped.default_partition is None
+  assert (grouped.nodes[0].cpus, grouped.nodes[0].memory_mb, grouped.nodes[0].gpus) == (16, 64000, 2)
+  assert grouped.nodes[0].time_limit_min == 30
+  with pytest.raises(FFNError, match="expected 7 fields"):
+    parse_sinfo_nodes("vm|debug*|2\n")
+  with pytest.raises(FFNError, match="cannot read the node line"):
+    parse_sinfo_nodes("vm|debug*|two|3900|(null)|(null)|infinite\n")
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("infinite", None), ("UNLIMITED", None), ("45", 45), ("45:00", 45), ("45:01", 46),
+    ("2:30:00", 150), ("3-00", 4320), ("1-12:30", 2190), ("1-00:00:01", 1441)])
+def test_parse_slurm_time(text: str, minutes: int | None) -> None:
+  assert parse_slurm_time(text) == minutes
+
+
+def test_two_cpu_cluster_cannot_fit_four_tasks() -> None:
+  """The issue's case: 4 tasks x 1 CPU on a 2-CPU node would stay pending (PartitionConfig)."""
+  cluster = parse_sinfo_nodes(TWO_CPU_SINFO)
+  assert fit_problems(SlurmOptions(tasks_per_node=4, mem_gb=3), cluster) == [
+      f"{TWO_CPU_WHERE}: needs 4 CPUs per node (--slurm_tasks_per_node 4 x --slurm_cpus_per_task 1), "
+      "its nodes have at most 2"]
+  assert fit_problems(SlurmOptions(tasks_per_node=2, mem_gb=3), cluster) == []
+  # With overcommit Slurm gives the tasks of a node one task's CPUs.
+  assert fit_problems(SlurmOptions(tasks_per_node=4, extra={"overcommit": True}), cluster) == []
+  assert fit_problems(SlurmOptions(mem_gb=4), cluster) == [
+      f"{TWO_CPU_WHERE}: needs 4096 MB per node (--slurm_mem_gb 4), its nodes have at most 3900 MB"]
+
+
+@pytest.mark.parametrize("options, problems", [
+    (SlurmOptions(tasks_per_node=64), []),
+    (SlurmOptions(tasks_per_node=8, cpus_per_task=8, nodes=2, constraint="avx512"), []),
+    (SlurmOptions(partition="gpu", gpus_per_node=4, cpus_per_task=32, nodes=2), []),
+    (SlurmOptions(partition="gpu", constraint="a100|v100"), []),  # an expression: not checked
+    (SlurmOptions(partition="cpu,long", time_min=2000), []),  # long has no limit
+    (SlurmOptions(partition="gpu", gpus_per_node=5),
+     ["partition gpu (2 nodes (g1: 32 CPUs, 512000 MB, 4 GPUs; g2: 32 CPUs, 256000 MB, 4 GPUs)): "
+      "needs 5 GPUs per node, its nodes have at most 4"]),
+    (SlurmOptions(partition="gpu", extra={"gres": "gpu:a100:8"}),
+     ["partition gpu (2 nodes (g1: 32 CPUs, 512000 MB, 4 GPUs; g2: 32 CPUs, 256000 MB, 4 GPUs)): "
+      "needs 8 GPUs per node, its nodes have at most 4"]),
+    # Each resource alone is offered by some node, both nodes together are not.
+    (SlurmOptions(partition="gpu", nodes=2, mem_gb=400, gpus_per_node=4),
+     ["partition gpu (2 nodes (g1: 32 CPUs, 512000 MB, 4 GPUs; g2: 32 CPUs, 256000 MB, 4 GPUs)): "
+      "needs 2 nodes (--slurm_nodes) with 1 CPUs, 409600 MB, 4 GPUs each, 1 qualify"]),
+    (SlurmOptions(nodes=2, constraint="ib"),
+     ["partition cpu (2 nodes (c1,c2: 64 CPUs, 256000 MB, 0 GPUs)): needs 2 nodes (--slurm_nodes) "
+      "with 1 CPUs, feature 'ib' each, 1 qualify"]),
+    (SlurmOptions(constraint="a100"),
+     ["partition cpu (2 nodes (c1,c2: 64 CPUs, 256000 MB, 0 GPUs)): needs node feature 'a100' "
+      "(--slurm_constraint), its nodes have avx512, ib"]),
+    (SlurmOptions(time_min=2000),
+     ["partition cpu (2 nodes (c1,c2: 64 CPUs, 256000 MB, 0 GPUs)): needs 2000 min "
+      "(--slurm_time_min), its time limit is 1440 min"]),
+    (SlurmOptions(partition="cpu,long", tasks_per_node=65),
+     ["partition cpu (2 nodes (c1,c2: 64 CPUs, 256000 MB, 0 GPUs)): needs 65 CPUs per node "
+      "(--slurm_tasks_per_node 65 x --slurm_cpus_per_task 1), its nodes have at most 64",
+      "partition long (1 node (c1: 64 CPUs, 256000 MB, 0 GPUs)): needs 65 CPUs per node "
+      "(--slurm_tasks_per_node 65 x --slurm_cpus_per_task 1), its nodes have at most 64"]),
+    (SlurmOptions(partition="gpux"), ["partition 'gpux' does not exist (sinfo lists cpu, gpu, long)"]),
+])
+def test_fit_problems(options: SlurmOptions, problems: list[str]) -> None:
+  assert fit_problems(options, parse_sinfo_nodes(SITE_SINFO)) == problems
+
+
+def test_fit_without_default_partition() -> None:
+  cluster = parse_sinfo_nodes(SITE_SINFO.replace("cpu*", "cpu"))
+  assert fit_problems(SlurmOptions(), cluster) == [
+      "no --slurm_partition given and the cluster has no default partition"]
+  assert fit_problems(SlurmOptions(partition="cpu"), cluster) == []
 
 
 def test_local_executor_array(tmp_path: Path) -> None:

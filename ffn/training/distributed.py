@@ -2,8 +2,11 @@
 
 Takes every ``ffn train`` flag plus the cluster flags of :mod:`slurm.executor` (with the short
 aliases ``--nodes --tasks_per_node --gpus_per_node --cpus_per_task --mem_gb --time --partition
---account --qos --constraint``), submits one job through submitit and prints its id, its logs and
-how to follow it. Every task of the job runs :class:`DistributedTraining`:
+--account --qos --constraint --strict``), submits one job through submitit and prints its id, its
+logs and how to follow it. A request that no node of the cluster can ever run (too many CPUs,
+memory or GPUs per node, an unknown partition... per ``sinfo``, :func:`slurm.executor.check_fits`)
+is warned about, or refused with ``--strict`` or ``--wait``. Every task of the job runs
+:class:`DistributedTraining`:
 
 * ``--strategy sync`` (default): one task -> ``tf.distribute.MirroredStrategy`` over the task's
   devices (all GPUs of the node, or the CPU); several tasks (per node or across nodes) ->
@@ -108,8 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="multiply --learning_rate by the number of replicas")
   group.add_argument("--port_base", type=int, default=None,
                      help="first gRPC port of the tasks on a node (default: from the job id)")
+  group.add_argument("--strict", dest="slurm_strict", action="store_true", default=argparse.SUPPRESS,
+                     help="same as --slurm_strict: refuse a request that no node of the cluster "
+                          "can ever run (default: warn, and submit a job that stays pending)")
   group.add_argument("--wait", action="store_true",
-                     help="wait for the job to end and exit with its status")
+                     help="wait for the job to end and exit with its status (implies --strict: a "
+                          "job that can never start would be waited for for ever)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,14 +128,16 @@ def run(args: argparse.Namespace) -> int:
                    f"parameter servers, >= 1 worker); got --num_ps {args.num_ps} and {tasks} tasks")
   if args.port_base is not None and not 1024 <= args.port_base <= 65535 - options.tasks_per_node:
     raise FFNError(f"--port_base must be in 1024..{65535 - options.tasks_per_node}, got {args.port_base}")
-  cfg = train_cli.config_from_args(args)
-  cfg.train_dir = os.path.abspath(cfg.train_dir)
-  os.makedirs(cfg.train_dir, exist_ok=True)
-  executor = make_executor(options, cfg.train_dir)
+  options.strict = options.strict or args.wait
+  # First the request against `sinfo` (before the config, which imports TensorFlow).
+  executor = make_executor(options, os.path.abspath(args.train_dir))
   if executor.cluster != "slurm" and tasks > 1:
     raise FFNError(f"{tasks} tasks need --cluster slurm: they find each other through "
                    f"tf.distribute's SlurmClusterResolver, which reads the Slurm job step; the "
                    f"{executor.cluster} cluster runs one task (--tasks_per_node 1)")
+  cfg = train_cli.config_from_args(args)
+  cfg.train_dir = os.path.abspath(cfg.train_dir)
+  os.makedirs(cfg.train_dir, exist_ok=True)
   if executor.cluster == "slurm":
     # Slurm's own SIGTERM at the time limit comes after submitit's USR2; make the gap explicit.
     executor.update_parameters(slurm_signal_delay_s=90)
