@@ -283,11 +283,15 @@ class TaskReport:
       self.data["current"][item.id] = time.time()
       self._write()
 
-  def finished(self, item: WorkItem) -> None:
+  def finished(self, item: WorkItem, seconds: float | None = None) -> None:
+    """The item's work in this task ended; ``seconds``: its cost if not the time since
+    :meth:`started` (e.g. summed over several passes)."""
     with self._lock:
       began = self.data["current"].pop(item.id, None)
-      if began is not None:
-        self.data["seconds"][item.id] = round(time.time() - began, 3)
+      if seconds is None and began is not None:
+        seconds = time.time() - began
+      if seconds is not None:
+        self.data["seconds"][item.id] = round(seconds, 3)
       self._write()
 
   def end(self, state: str, error: str | None = None) -> None:

@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm_train": ("ffn.training.distributed",
                     "train an FFN as a Slurm job: synchronous or parameter-server, requeued on preemption"),
     "run_inference": ("ffn.inference.cli", "segment a volume with a trained FFN (InferenceRequest pbtxt)"),
+    "batch_inference": ("ffn.inference.batch", "segment a large box as overlapping chunks on a Slurm job array"),
+    "batch_status": ("ffn.inference.batch_status", "chunks done/running/failed/pending, voxels/s, ETA of a batch run"),
     "consensus": ("ffn.consensus.cli", "split consensus of two results of one subvolume (ConsensusRequest pbtxt)"),
     "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted and adapted Rand error, object counts vs ground truth"),
     "export": ("ffn.inference.export",
