@@ -1,4 +1,9 @@
-"""Distributed training through the real local Slurm: 2-task sync, parameter-server async, requeue."""
+"""Distributed training through the real local Slurm: 2-task sync, parameter-server async, requeue.
+
+Each Slurm test first checks that the cluster can run its job (``slurm_cluster.require_fit``: it
+fails at once under CI, else skips, with what the job needs and what ``sinfo`` offers) and names
+its job with the ``slurm_job_name`` fixture, which cancels it at teardown whatever happened.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,8 @@ import tensorflow as tf
 from conftest import REPO_ROOT
 from ffn.errors import FFNError
 from ffn.training.distributed import port_base_for, slurm_resolver
-from slurm.executor import slurm_available
-
-SLURM = slurm_available()
-needs_slurm = pytest.mark.skipif(not SLURM and not os.environ.get("CI"),
-                                 reason="no Slurm controller answers (start scripts/start-local-slurm.sh)")
+from slurm.executor import SlurmOptions
+from slurm_cluster import cancel_jobs, queued, require_fit, running_cluster, slurm_job_name
 
 
 SAMPLE_CROP = REPO_ROOT / "sample_data" / "fib25" / "training_sample2_crop.h5"
@@ -55,10 +57,27 @@ def _flags(root: Path, train_dir: Path, max_steps: int, *extra: str) -> list[str
           "--cpus_per_task", "1", "--mem_gb", "3", "--time", "10", *extra]
 
 
-def _slurm_train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def _options(tasks_per_node: int, **extra: object) -> SlurmOptions:
+  """The Slurm request of :func:`_flags` with ``tasks_per_node`` tasks (for ``require_fit``)."""
+  return SlurmOptions(cluster="slurm", tasks_per_node=tasks_per_node, cpus_per_task=1, mem_gb=3,
+                      time_min=10, extra=dict(extra))
+
+
+def _slurm_train(args: list[str], timeout: float = 240,
+                 job_name: str | None = None) -> subprocess.CompletedProcess:
+  """Runs slurm_train.py (with ``--slurm_job_name job_name`` when given); a run past ``timeout``
+  fails the test naming the state of its job (the fixture then cancels it)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, str(REPO_ROOT / "slurm_train.py")] + args, capture_output=True,
-                        text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+  argv = [sys.executable, str(REPO_ROOT / "slurm_train.py")] + args
+  if job_name:
+    argv += ["--slurm_job_name", job_name]
+  try:
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=timeout)
+  except subprocess.TimeoutExpired as e:
+    jobs = queued(job_name) if job_name else []
+    pytest.fail(f"slurm_train did not end within {timeout:g} s; its job in the queue: "
+                f"{jobs or 'none'}; stdout: {e.stdout!r}", pytrace=False)
 
 
 def _job_id(stdout: str) -> str:
@@ -168,12 +187,12 @@ def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
 
 
 @pytest.mark.slurm
-@needs_slurm
-def test_sync_two_tasks(crop_data, tmp_path):
+def test_sync_two_tasks(crop_data, slurm_job_name, tmp_path):
   """MultiWorkerMirroredStrategy over 2 Slurm tasks; the checkpoint serves inference and `ffn train`."""
+  require_fit(_options(2, overcommit=True))
   train_dir = tmp_path / "run"
   proc = _slurm_train(_flags(crop_data, train_dir, 30, "--tasks_per_node", "2", "--wait",
-                             "--slurm_param", "overcommit"))
+                             "--slurm_param", "overcommit"), job_name=slurm_job_name)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   job_id = _job_id(proc.stdout)
   assert f"tail -f {train_dir}/logs/{job_id}/{job_id}_0_log.err" in proc.stdout
@@ -211,13 +230,13 @@ def test_sync_two_tasks(crop_data, tmp_path):
 
 
 @pytest.mark.slurm
-@needs_slurm
-def test_async_parameter_server(crop_data, tmp_path):
+def test_async_parameter_server(crop_data, slurm_job_name, tmp_path):
   """Coordinator + 1 parameter server + 2 workers: 4 tasks of one Slurm job (the local test
   cluster offers 4 CPUs on a 2-core machine, see scripts/start-local-slurm.sh)."""
+  require_fit(_options(4))
   train_dir = tmp_path / "run"
   proc = _slurm_train(_flags(crop_data, train_dir, 40, "--tasks_per_node", "4", "--strategy", "async",
-                             "--num_ps", "1", "--wait"))
+                             "--num_ps", "1", "--wait"), job_name=slurm_job_name)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   job_id = _job_id(proc.stdout)
   logs = _task_logs(train_dir, job_id)
@@ -237,12 +256,12 @@ def test_async_parameter_server(crop_data, tmp_path):
 
 
 @pytest.mark.slurm
-@needs_slurm
-def test_preemption_requeues_and_resumes(crop_data, tmp_path):
+def test_preemption_requeues_and_resumes(crop_data, slurm_job_name, tmp_path):
   """USR2 (submitit's preemption signal) -> checkpoint saved, job requeued, step continues."""
   import submitit
+  require_fit(_options(1))
   train_dir = tmp_path / "run"
-  proc = _slurm_train(_flags(crop_data, train_dir, 100_000, "--log_every", "5"))
+  proc = _slurm_train(_flags(crop_data, train_dir, 100_000, "--log_every", "5"), job_name=slurm_job_name)
   assert proc.returncode == 0, proc.stderr
   job_id = _job_id(proc.stdout)
   job = submitit.SlurmJob(folder=train_dir / "logs" / job_id, job_id=job_id)
@@ -273,3 +292,38 @@ def test_preemption_requeues_and_resumes(crop_data, tmp_path):
   assert saved and resumed == saved[0] > 0, text
   later = [int(s) for s in re.findall(r"step (\d+)/100000", text.split("resumed from", 1)[1])]
   assert later and min(later) > resumed, text
+
+
+@pytest.mark.slurm
+def test_request_no_node_can_run(crop_data, slurm_job_name, tmp_path):
+  """--tasks_per_node above every node's CPUs: --strict (and --wait) refuse with one line and write
+  nothing; without them a warning names the problem, and the job submitted stays pending."""
+  offered = running_cluster()
+  partition = offered.default_partition or offered.partitions[0]
+  most = max(n.cpus for n in offered.nodes if n.partition == partition)
+  tasks = str(most + 1)
+  needs = (f"needs {most + 1} CPUs per node (--slurm_tasks_per_node {most + 1} x "
+           f"--slurm_cpus_per_task 1), its nodes have at most {most}")
+  train_dir = tmp_path / "run"
+  for flag in ("--strict", "--wait"):
+    start = time.monotonic()
+    proc = _slurm_train(_flags(crop_data, train_dir, 5, "--tasks_per_node", tasks, flag), timeout=120,
+                        job_name=slurm_job_name)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ffn slurm_train: error: no node of the Slurm cluster can ever run this "
+                               f"job: partition {partition} (") and lines[0].endswith(needs), lines[0]
+    assert proc.stdout == "" and not train_dir.exists() and queued(slurm_job_name) == []
+    assert time.monotonic() - start < 60  # refused before anything is submitted
+  proc = _slurm_train(_flags(crop_data, train_dir, 5, "--tasks_per_node", tasks), timeout=120,
+                      job_name=slurm_job_name)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  warnings = [line for line in proc.stderr.splitlines() if " WARNING " in line]
+  assert len(warnings) == 1 and needs in warnings[0] and "--slurm_strict refuses" in warnings[0], proc.stderr
+  job_id = _job_id(proc.stdout)
+  deadline = time.monotonic() + 30
+  while (rows := queued(slurm_job_name)) != [f"{job_id} PENDING PartitionConfig"]:
+    assert time.monotonic() < deadline, rows
+    time.sleep(0.5)
+  assert cancel_jobs(slurm_job_name) == [f"{job_id} PENDING PartitionConfig"]

@@ -1,16 +1,18 @@
-"""Tests of slurm.executor: option parsing, the local executor, and real jobs on a Slurm cluster.
+"""Tests of slurm.executor: option parsing, the local executor, the request check against
+``sinfo``, and real jobs on a Slurm cluster.
 
 Tests marked ``slurm`` submit to the Slurm cluster that answers ``sinfo`` (``run_tests.sh`` starts a
-single-node one as root). Without one they are skipped, except when ``CI`` is set: then they fail,
-because CI must run them. The cluster's partition, account, QoS and node feature are read from the
-cluster itself, never assumed.
+single-node one as root). Each first checks that the cluster can run its job
+(``slurm_cluster.require_fit``): without a cluster, or when no node fits, it is skipped, except
+when ``CI`` is set: then it fails at once, because CI must run it. Each names its jobs with the
+``slurm_job_name`` fixture, which cancels whatever is left of them at teardown. The cluster's
+partition, account, QoS and node feature are read from the cluster itself, never assumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import re
 import subprocess
 import time
@@ -24,8 +26,10 @@ from ffn.axes import BoundingBox
 from ffn.errors import FFNError
 from ffn.io.volumes import read_volume
 from slurm.executor import (JobFailedError, SlurmOptions, add_slurm_arguments, fit_problems,
-                            make_executor, parse_sinfo_nodes, parse_slurm_time, slurm_available,
-                            submit_array, wait_all)
+                            make_executor, parse_sinfo_nodes, parse_slurm_time, submit_array,
+                            wait_all)
+from slurm_cluster import (cancel_jobs, queued, require_fit, running_cluster, slurm_job_name,
+                           unavailable)
 
 BOXES = [BoundingBox((0, 0, 0), (4, 5, 6)), BoundingBox((3, 1, 2), (5, 4, 3)),
          BoundingBox((7, 6, 5), (5, 6, 7))]
@@ -185,6 +189,28 @@ def test_fit_without_default_partition() -> None:
   assert fit_problems(SlurmOptions(partition="cpu"), cluster) == []
 
 
+@pytest.mark.parametrize("ci, outcome", [("1", pytest.fail.Exception), (None, pytest.skip.Exception)])
+def test_require_fit_fails_under_ci_else_skips(monkeypatch: pytest.MonkeyPatch, ci: str | None,
+                                               outcome: type) -> None:
+  """A Slurm test whose job cannot fit ends at once with one line: what it needs, what is there."""
+  if ci is None:
+    monkeypatch.delenv("CI", raising=False)
+  else:
+    monkeypatch.setenv("CI", ci)
+  two_cpus = parse_sinfo_nodes(TWO_CPU_SINFO)
+  options = SlurmOptions(cluster="slurm", tasks_per_node=4, mem_gb=3)
+  with pytest.raises(outcome) as info:
+    require_fit(options, two_cpus)
+  message = str(info.value.msg)
+  expected = ("this test's Slurm job (1 node x 4 tasks x 1 CPU, 3 GB per node, default partition) "
+              f"can never run on this cluster: {TWO_CPU_WHERE}: needs 4 CPUs per node "
+              "(--slurm_tasks_per_node 4 x --slurm_cpus_per_task 1), its nodes have at most 2")
+  assert message == (f"{expected} (CI is set: Slurm tests may not skip)" if ci else expected)
+  assert require_fit(SlurmOptions(cluster="slurm", tasks_per_node=2), two_cpus) is two_cpus
+  with pytest.raises(outcome, match="can never run"):
+    unavailable("can never run")
+
+
 def test_local_executor_array(tmp_path: Path) -> None:
   """The local cluster runs each task as a subprocess, at most array_parallelism at once."""
   spec, data = _write_volume(tmp_path)
@@ -241,16 +267,9 @@ def _query(*command: str) -> list[str]:
 @pytest.fixture(scope="module")
 def cluster() -> dict[str, str | None]:
   """What the running Slurm cluster offers: default partition, a node feature, account, QoS."""
-  if not slurm_available():
-    reason = ("no Slurm cluster answers `sinfo`; start one with scripts/start-local-slurm.sh "
-              "(as root) or run ./run_tests.sh")
-    if os.environ.get("CI"):
-      pytest.fail(f"CI is set, so the Slurm tests must run, but {reason}")
-    pytest.skip(reason)
-  partitions = _query("sinfo", "--noheader", "--format=%P")
-  partition = next((p for p in partitions if p.endswith("*")), partitions[0]).rstrip("*")
-  features = [f for line in _query("sinfo", "--noheader", "--format=%f", "-p", partition)
-              for f in line.split(",") if f != "(null)"]
+  offered = running_cluster()
+  partition = offered.default_partition or offered.partitions[0]
+  features = sorted(set().union(*(n.features for n in offered.nodes if n.partition == partition)))
   assoc = _query("sacctmgr", "--noheader", "--parsable2", "show", "assoc",
                  "where", f"user={getpass.getuser()}", "format=account,qos")
   account, qos = assoc[0].split("|")[:2] if assoc else (None, None)
@@ -259,13 +278,14 @@ def cluster() -> dict[str, str | None]:
 
 
 @pytest.mark.slurm
-def test_slurm_job_array_real(cluster: dict, tmp_path: Path) -> None:
+def test_slurm_job_array_real(cluster: dict, slurm_job_name: str, tmp_path: Path) -> None:
   """A 3-task array reads three boxes of an HDF5 volume with ffn.io.volumes on Slurm."""
   spec, data = _write_volume(tmp_path)
   options = SlurmOptions(cluster="slurm", partition=cluster["partition"], time_min=5,
                          cpus_per_task=1, mem_gb=0.5, account=cluster["account"],
                          qos=cluster["qos"], constraint=cluster["feature"], array_parallelism=2,
-                         job_name="ffn-test-array")
+                         job_name=slurm_job_name, strict=True)
+  require_fit(options)
   executor = make_executor(options, tmp_path / "work")
   assert executor.cluster == "slurm"
   jobs = submit_array(executor, read_volume, [(spec, box) for box in BOXES])
@@ -280,14 +300,15 @@ def test_slurm_job_array_real(cluster: dict, tmp_path: Path) -> None:
   # The sbatch script carries every option the user gave.
   script = (tmp_path / "work" / "logs" / array_id / f"{array_id}_submission.sh").read_text()
   expected = [f"--partition={cluster['partition']}", "--time=5", "--cpus-per-task=1",
-              "--mem=512MB", "--job-name=ffn-test-array", "--array=0-2%2"]
+              "--mem=512MB", f"--job-name={slurm_job_name}", "--array=0-2%2"]
   expected += [f"--{key}={cluster[name]}" for key, name in
                (("account", "account"), ("qos", "qos"), ("constraint", "feature")) if cluster[name]]
   for flag in expected:
     assert f"#SBATCH {flag}\n" in script, f"{flag} missing from the sbatch script:\n{script}"
   # Slurm accounted the three tasks under the requested name and partition (accounting is written
   # asynchronously, shortly after the results).
-  expected_rows = [f"{array_id}_{i}|ffn-test-array|{cluster['partition']}|COMPLETED" for i in range(3)]
+  expected_rows = [f"{array_id}_{i}|{slurm_job_name}|{cluster['partition']}|COMPLETED"
+                   for i in range(3)]
   deadline = time.monotonic() + 30
   while True:
     rows = sorted(_query("sacct", "--noheader", "--parsable2", "-X", "-j", array_id,
@@ -299,12 +320,14 @@ def test_slurm_job_array_real(cluster: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slurm
-def test_slurm_script_has_nothing_hard_coded(cluster: dict, tmp_path: Path) -> None:
+def test_slurm_script_has_nothing_hard_coded(cluster: dict, slurm_job_name: str,
+                                             tmp_path: Path) -> None:
   """Without options, no partition/account/QoS/constraint/GPU/memory line is written; extra sbatch
   parameters and setup lines are passed through, and the setup runs in the job."""
   marker = tmp_path / "setup-ran"
   options = SlurmOptions(cluster="slurm", time_min=3, extra={"comment": "ffn-extra"},
-                         setup=[f"touch {marker}"])
+                         setup=[f"touch {marker}"], job_name=slurm_job_name)
+  require_fit(options)
   executor = make_executor(options, tmp_path / "work")
   jobs = submit_array(executor, abs, [(-3,)])
   assert wait_all(jobs) == [3]
@@ -317,9 +340,11 @@ def test_slurm_script_has_nothing_hard_coded(cluster: dict, tmp_path: Path) -> N
 
 
 @pytest.mark.slurm
-def test_slurm_cancelled_job_is_reported(cluster: dict, tmp_path: Path) -> None:
+def test_slurm_cancelled_job_is_reported(cluster: dict, slurm_job_name: str, tmp_path: Path) -> None:
   """A job that ends without a result (here: cancelled) raises with its id, state and log."""
-  executor = make_executor(SlurmOptions(cluster="slurm", time_min=3), tmp_path / "work")
+  options = SlurmOptions(cluster="slurm", time_min=3, job_name=slurm_job_name)
+  require_fit(options)
+  executor = make_executor(options, tmp_path / "work")
   jobs = submit_array(executor, time.sleep, [(120,)])
   deadline = time.monotonic() + 60
   while jobs[0].state != "RUNNING" and time.monotonic() < deadline:
@@ -327,3 +352,45 @@ def test_slurm_cancelled_job_is_reported(cluster: dict, tmp_path: Path) -> None:
   subprocess.run(["scancel", jobs[0].job_id], check=True)
   with pytest.raises(JobFailedError, match=f"job {jobs[0].job_id} failed \\(CANCELLED"):
     wait_all(jobs, poll_s=0.5)
+
+
+def _most_cpus(partition: str | None = None) -> tuple[str, int]:
+  """The default (or given) partition of the running cluster and the most CPUs of one of its nodes."""
+  offered = running_cluster()
+  partition = partition or offered.default_partition or offered.partitions[0]
+  return partition, max(n.cpus for n in offered.nodes if n.partition == partition)
+
+
+@pytest.mark.slurm
+def test_oversized_request_is_refused_at_once(slurm_job_name: str, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+  """More CPUs per node than any node has: --slurm_strict refuses before submitting; without it
+  the request is warned about, and the job Slurm accepts stays pending (what the check prevents)
+  until the test's cleanup cancels it."""
+  partition, most = _most_cpus()
+  options = SlurmOptions(cluster="slurm", time_min=3, tasks_per_node=most + 1, job_name=slurm_job_name,
+                         strict=True)
+  needs = (f"needs {most + 1} CPUs per node (--slurm_tasks_per_node {most + 1} x "
+           f"--slurm_cpus_per_task 1), its nodes have at most {most}")
+  start = time.monotonic()
+  with pytest.raises(FFNError) as info:
+    make_executor(options, tmp_path / "work")
+  assert time.monotonic() - start < 20
+  message = str(info.value)
+  assert message.startswith(f"no node of the Slurm cluster can ever run this job: partition {partition} (")
+  assert message.endswith(needs) and "\n" not in message
+  assert queued(slurm_job_name) == [] and not (tmp_path / "work").exists()
+
+  options.strict = False
+  with caplog.at_level("WARNING", logger="slurm.executor"):
+    executor = make_executor(options, tmp_path / "work")
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and needs in warnings[0], warnings
+  assert "this job would stay pending for ever" in warnings[0]
+  job = submit_array(executor, abs, [(-1,)])[0]
+  deadline = time.monotonic() + 30
+  while (rows := queued(slurm_job_name)) != [f"{job.job_id} PENDING PartitionConfig"]:
+    assert time.monotonic() < deadline, rows
+    time.sleep(0.5)
+  assert cancel_jobs(slurm_job_name) == [f"{job.job_id} PENDING PartitionConfig"]
+  assert queued(slurm_job_name) == []
