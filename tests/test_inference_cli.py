@@ -1,8 +1,9 @@
-"""``ffn run_inference`` on bad input: one clear line on stderr, exit 2, no result file."""
+"""``ffn run_inference`` on bad input: one clear line on stderr, exit 2, nothing written."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -27,11 +28,11 @@ GOOD = {
 
 
 @pytest.fixture()
-def setup(tmp_path, fib25_dir):
+def setup(tmp_path, sample_fib25):
   img = tmp_path / "img.h5"
   with h5py.File(img, "w") as f:
     f["raw"] = np.full((40, 40, 40), 128, np.uint8)
-  ckpt = fib25_dir / "model" / "model.ckpt-27465036"
+  ckpt = sample_fib25 / "model" / "model.ckpt-27465036"
   return {"img": str(img), "ckpt": str(ckpt), "out": str(tmp_path / "out"), "dir": tmp_path}
 
 
@@ -45,12 +46,28 @@ def write_request(setup, **changes) -> str:
   return str(path)
 
 
-def run(capsys, req, box=None) -> tuple[int, str]:
-  argv = ["run_inference", f"--inference_request={req}"]
-  if box:
-    argv.append(f"--bounding_box={box}")
-  code = main(argv)
-  return code, capsys.readouterr().err.strip()
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+  """Every file and folder under ``root``: relative path -> (size in bytes, mtime in ns)."""
+  out = {}
+  for folder, dirs, files in os.walk(root):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(folder, name))
+      out[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def run_bad(setup, capsys, req: str, *flags: str) -> str:
+  """Runs ``ffn run_inference`` expecting bad input: exit 2, exactly one line on stderr, nothing on
+  stdout, and no file or folder created or changed under the test's folder; returns the line."""
+  before = tree(setup["dir"])
+  code = main(["run_inference", f"--inference_request={req}", *flags])
+  captured = capsys.readouterr()
+  lines = captured.err.splitlines()
+  assert code == 2, captured.err
+  assert len(lines) == 1 and lines[0].startswith("ffn run_inference: error: "), captured.err
+  assert captured.out == ""
+  assert tree(setup["dir"]) == before
+  return lines[0]
 
 
 @pytest.mark.parametrize("change,expect", [
@@ -63,34 +80,27 @@ def run(capsys, req, box=None) -> tuple[int, str]:
     ({"segmentation_output_dir": None}, "segmentation_output_dir is not set"),
 ])
 def test_bad_request(setup, capsys, change, expect):
-  code, err = run(capsys, write_request(setup, **change))
-  assert code == 2
-  assert expect in err and len(err.splitlines()) == 1, err
-  assert not os.path.exists(setup["out"]) or not any(p for p in os.scandir(setup["out"]))
+  assert expect in run_bad(setup, capsys, write_request(setup, **change))
 
 
 def test_malformed_pbtxt(setup, capsys):
   path = setup["dir"] / "bad.pbtxt"
   path.write_text('image_mean: 128\nimage_stddev: "abc"\n')
-  code, err = run(capsys, str(path))
-  assert code == 2 and "bad.pbtxt" in err and "2:" in err and len(err.splitlines()) == 1, err
+  err = run_bad(setup, capsys, str(path))
+  assert "bad.pbtxt" in err and "2:" in err
 
 
-def test_box_outside_volume(setup, capsys):
-  box = "start { x: 20 y: 0 z: 0 } size { x: 30 y: 10 z: 10 }"
-  code, err = run(capsys, write_request(setup), box)
-  assert code == 2 and "outside the volume" in err and len(err.splitlines()) == 1, err
-  assert not os.path.exists(setup["out"])
-
-
-def test_malformed_box(setup, capsys):
-  code, err = run(capsys, write_request(setup), "start { x: 1 } size {")
-  assert code == 2 and "--bounding_box" in err
+@pytest.mark.parametrize("box,expect", [
+    ("start { x: 20 y: 0 z: 0 } size { x: 30 y: 10 z: 10 }", "outside the volume"),
+    ("start { x: 1 } size {", "--bounding_box"),
+])
+def test_bad_box(setup, capsys, box, expect):
+  assert expect in run_bad(setup, capsys, write_request(setup), f"--bounding_box={box}")
 
 
 def test_missing_request_file(setup, capsys):
-  code, err = run(capsys, str(setup["dir"] / "none.pbtxt"))
-  assert code == 2 and "none.pbtxt: inference request file not found" in err
+  err = run_bad(setup, capsys, str(setup["dir"] / "none.pbtxt"))
+  assert "none.pbtxt: inference request file not found" in err
 
 
 def test_fields_google_ignores_are_named():
@@ -141,19 +151,12 @@ def test_compute_options_reach_the_model(setup):
   assert runner.predict.compute_dtype == "float16" and runner.predict.jit_compile
 
 
-@pytest.mark.parametrize("flag", ["--batch_size=0", "--concurrent_requests=-1"])
-def test_bad_executor_flags(setup, capsys, flag):
-  code = main(["run_inference", f"--inference_request={write_request(setup)}", flag])
-  assert code == 2 and flag.split("=")[0] in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("flags, expect", [
+    (["--batch_size=0"], "--batch_size"),
+    (["--concurrent_requests=-1"], "--concurrent_requests"),
     (["--subvolume_size=0,20,20"], "subvolume size must be positive"),
     (["--subvolume_size=20,20"], "--subvolume_size: expected 3 integers"),
     (["--subvolume_size=20,20,20", "--overlap=20,0,0"], "overlap must be >= 0 and smaller"),
 ])
-def test_bad_subvolume_flags(setup, capsys, flags, expect):
-  code = main(["run_inference", f"--inference_request={write_request(setup)}", *flags])
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and expect in err and len(err.splitlines()) == 1
-  assert not os.path.exists(setup["out"])  # nothing written
+def test_bad_executor_flags(setup, capsys, flags, expect):
+  assert expect in run_bad(setup, capsys, write_request(setup), *flags)
