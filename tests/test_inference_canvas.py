@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ffn.errors import FFNError
 from ffn.inference import inference_pb2, seed as seed_lib, storage
 from ffn.inference.canvas import Canvas
 from ffn.inference.movement import FaceMaxMovementPolicy, scored_move_offsets
@@ -93,23 +94,66 @@ def test_move_offsets_face_maxima():
 
 def test_movement_policy_skips_visited_cells():
   canvas = Canvas(blobs_image(), options(), oracle, FOV, DELTAS)
+  canvas.seed[...] = 5.0  # every position above the move threshold (logit 2.2) ...
+  canvas.seed[12, 12, 12] = -5.0  # ... but this one
+  canvas.segmentation[20, 20, 20] = 1
   policy = FaceMaxMovementPolicy(canvas, DELTAS, 1.0)
   policy.reset_state((10, 10, 10))
+  # Cells of 2 voxels per axis with the start at a cell centre: offsets -1..0 -> 0, 1..2 -> 1.
   assert policy.quantize_pos((10, 10, 10)) == (0, 0, 0)
-  assert policy.quantize_pos((11, 10, 10)) == (1, 0, 0)  # half a delta away: next cell
+  assert policy.quantize_pos((11, 10, 10)) == (1, 0, 0)
   assert policy.quantize_pos((9, 10, 10)) == (0, 0, 0)
+  assert policy.quantize_pos((10, 10, 13)) == (0, 0, 2)
+  logits = np.full((9, 9, 9), -5.0, np.float32)
+  logits[4, 4, 6] = 3.0  # +x face: a move to (10, 10, 12)
+  logits[2, 4, 4] = 2.5  # -z face: a move to (8, 10, 10)
+  policy.update(logits, (10, 10, 10))  # visits cell (0, 0, 0), queues both moves, best first
+  for coord in ([9, 10, 10],  # in the visited cell (0, 0, 0)
+                [3, 10, 10],  # within the margin (4) of the border
+                [20, 20, 20],  # already segmented
+                [12, 12, 12]):  # seed below the move threshold
+    policy.append((1.0, coord))
+  assert next(policy) == (10, 10, 12)
+  policy.update(logits, (10, 10, 12))  # visits cell (0, 0, 1); queues (10, 10, 14), (8, 10, 12)
+  policy.append((1.0, [10, 10, 11]))  # in the cell just visited
+  assert list(policy) == [(8, 10, 10), (10, 10, 14), (8, 10, 12)]
+  assert len(policy) == 0 and canvas.counters["skip_invalid_pos"] == 2
+  assert canvas.counters["skip_threshold"] == 1
+  with pytest.raises(StopIteration):
+    next(policy)
 
 
-def test_peaks_policy_deterministic_and_away_from_edges():
+def _sorted_rows(points: np.ndarray) -> np.ndarray:
+  """Rows of ``points`` (z,y,x) in ascending (z, y, x) order."""
+  return points[np.lexsort(points.T[::-1])]
+
+
+def test_peaks_policy_is_googles_with_skimage_peaks():
+  """PolicyPeaks against google/ffn's steps, with skimage's peak_local_max as google calls it."""
+  from skimage.feature import peak_local_max as skimage_peak_local_max
   rng = np.random.default_rng(0)
   img = blobs_image() + rng.normal(0, 0.05, (30, 30, 30)).astype(np.float32)
   canvas = Canvas(img, options(), oracle, FOV, DELTAS)
-  a = seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords()
-  b = seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords()
-  np.testing.assert_array_equal(a, b)
-  assert len(a) > 0
-  assert np.all(np.diff(a[:, 0]) >= 0)  # sorted by z first
-  assert np.all(a >= 3) and np.all(a < 27)  # border of min_distance excluded
+  got = seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords()
+  np.testing.assert_array_equal(seed_lib.POLICIES["PolicyPeaks"](canvas).init_coords(), got)
+  edges = ndimage.generic_gradient_magnitude(img, ndimage.sobel)
+  smoothed = ndimage.gaussian_filter(edges, 49.0 / 6.0, mode="reflect")
+  dist = ndimage.distance_transform_edt(edges <= smoothed).astype(np.float32)
+  noisy = dist + np.random.RandomState(42).random_sample(dist.shape) * 1e-4
+  want = skimage_peak_local_max(noisy, min_distance=3, threshold_abs=0, threshold_rel=0)
+  assert len(want) >= 5  # a few per blob and in the background
+  np.testing.assert_array_equal(got, _sorted_rows(want))
+  assert np.all(got >= 3) and np.all(got < 27)  # border of min_distance excluded
+
+
+@pytest.mark.parametrize("shape,min_distance", [((17, 23, 29), 1), ((17, 23, 29), 2), ((24, 30, 36), 3)])
+def test_peak_local_max_matches_skimage(shape, min_distance):
+  from skimage.feature import peak_local_max as skimage_peak_local_max
+  image = ndimage.gaussian_filter(np.random.default_rng(min_distance).normal(size=shape), 1.0)
+  image -= np.median(image)  # half the voxels <= 0, where no peak may be
+  want = skimage_peak_local_max(image, min_distance=min_distance, threshold_abs=0, threshold_rel=0)
+  assert len(want) > 10
+  np.testing.assert_array_equal(seed_lib.peak_local_max(image, min_distance), _sorted_rows(want))
 
 
 def test_peak_local_max_simple():
@@ -124,9 +168,9 @@ def test_grid_and_unknown_policy():
   canvas = Canvas(blobs_image(), options(), oracle, FOV, DELTAS)
   pol = seed_lib.make_policy("PolicyGrid3d", '{"step": 10, "offsets": [0]}')(canvas)
   assert len(pol.init_coords()) == 27
-  with pytest.raises(Exception, match="unknown policy 'Nope'"):
+  with pytest.raises(FFNError, match="unknown policy 'Nope'"):
     seed_lib.make_policy("Nope")
-  with pytest.raises(Exception, match="not valid JSON"):
+  with pytest.raises(FFNError, match="not valid JSON"):
     seed_lib.make_policy("PolicyPeaks", "{bad")
 
 
