@@ -295,10 +295,12 @@ def test_fields_google_ignores_get_their_own_warning(caplog):
                                         'histogram_masks { image { channels { channel: 0 } } }'))
   assert google_ignored_request_fields(request) == ["reference_histogram", "self_prediction",
                                                     "histogram_masks"]
-  with caplog.at_level(logging.WARNING, logger="ffn.inference.runner"):
+  with caplog.at_level(logging.WARNING, logger="ffn.inference.request"):
     check_request(request)
-  lines = [r.getMessage() for r in caplog.records]
-  assert len(lines) == 1 and "google/ffn (HEAD) ignores them too" in lines[0]
+  lines = [r.getMessage() for r in caplog.records
+           if r.name == "ffn.inference.request" and r.levelno == logging.WARNING]
+  assert len(lines) == 1 and len(caplog.records) == 1
+  assert "google/ffn (HEAD) ignores them too" in lines[0]
   assert "reference_histogram, self_prediction, histogram_masks" in lines[0]
 
 
