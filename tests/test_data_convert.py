@@ -2,12 +2,15 @@
 
 import json
 import os
+import re
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SAMPLE_OFFSET_XYZ, SHARED_DATA, missing
+from ffn.axes import BoundingBox
 from ffn.cli import main
 from ffn.data import convert, groundtruth, stats
 from ffn.errors import FFNError
@@ -72,10 +75,53 @@ def test_stats_cli_box_and_json(tmp_path, capsys):
   assert saved["shape_zyx"] == [35, 11, 10]
 
 
-def test_stats_on_real_fib25_matches_readme(fib25_dir):
-  result = stats.compute_stats(f"{fib25_dir}/training_sample2.h5:raw")
-  assert result.mean == pytest.approx(130.03, abs=0.01)
-  assert result.stddev == pytest.approx(33.45, abs=0.01)
+def test_stats_on_the_shipped_crop_match_numpy(sample_fib25):
+  """On the shipped 150^3 crop (slabs of 32 slices leave a partial last slab): numpy's figures."""
+  spec = f"{sample_fib25}/training_sample2_crop.h5:raw"
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    raw = f["raw"][()]
+  for box, sub in ((None, raw), (BoundingBox((10, 20, 30), (100, 90, 80)), raw[30:110, 20:110, 10:110])):
+    result = stats.compute_stats(spec, box)
+    values = sub.astype(np.float64)
+    # sums of <= 150^3 integers <= 255 are exact in float64 (< 2^53), so the means are equal; the
+    # variances sum squares in different orders: a few ulps apart
+    assert result.mean == values.mean()
+    assert result.stddev == pytest.approx(values.std(), rel=1e-12)
+    assert (result.count, result.min, result.max) == (sub.size, int(sub.min()), int(sub.max()))
+    levels, counts = np.unique(sub, return_counts=True)
+    hist = np.array(result.histogram)
+    np.testing.assert_array_equal(hist[levels], counts)
+    assert hist.sum() == counts.sum() == sub.size
+
+
+def _readme_stats(name: str) -> tuple[float, float]:
+  """Mean and standard deviation that ``../shared/data/README.md`` states for ``name``'s raw."""
+  text = (SHARED_DATA / "README.md").read_text()
+  section = text[text.index(f"## fib25/{name}.h5"):]
+  found = re.search(r"[Mm]ean ([0-9.]+), (?:standard deviation|std) ([0-9.]+)", section)
+  assert found, f"no mean/std for {name} in {SHARED_DATA / 'README.md'}"
+  return float(found.group(1)), float(found.group(2))
+
+
+@pytest.mark.parametrize("name", ["training_sample2", "training_sample1"])
+def test_stats_of_the_whole_volumes_match_the_shared_readme(fib25_dir, name):
+  if not (fib25_dir / f"{name}.h5").exists():
+    missing(f"needs {fib25_dir / name}.h5")
+  mean, stddev = _readme_stats(name)  # stated with 2 decimals: within 0.005
+  result = stats.compute_stats(f"{fib25_dir}/{name}.h5:raw")
+  assert result.shape_zyx == [250, 250, 250]
+  assert result.mean == pytest.approx(mean, abs=0.005)
+  assert result.stddev == pytest.approx(stddev, abs=0.005)
+
+
+def test_shipped_crop_is_the_stated_crop_of_training_sample2(fib25_dir, sample_fib25):
+  """sample_data/fib25/README.md: x,y,z 50..199 of training_sample2, raw and body labels."""
+  with h5py.File(fib25_dir / "training_sample2.h5", "r") as full, \
+       h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as crop:
+    for name in ("raw", "stack"):
+      assert crop[name].dtype == full[name].dtype
+      assert crop[name].attrs["offset_xyz"].tolist() == list(SAMPLE_OFFSET_XYZ)
+      np.testing.assert_array_equal(crop[name][()], full[name][50:200, 50:200, 50:200])
 
 
 def test_apply_transforms_maps_superpixels_to_bodies(tmp_path):
