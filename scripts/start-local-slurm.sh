@@ -20,12 +20,18 @@
 #                          --gpus_per_node requests on a machine without GPUs
 #   LOCAL_SLURM_LOG        where apt and daemon start-up output goes (default: /var/log/slurm/local-setup.log)
 # After changing a setting, run scripts/stop-local-slurm.sh first: a running cluster is left as is.
+#
+# Every wait is bounded: a step that does not come up ends the script (exit 1) with one line naming
+# what it waited for, the last thing the check printed and the log to read. The accounting
+# database user 'slurm' gets its password set on every start (ALTER USER), so a 'slurm' user left
+# by an earlier Slurm install with another password does not lock slurmdbd out.
 set -euo pipefail
 
 PARTITION=${LOCAL_SLURM_PARTITION:-debug}
 FAKE_GPUS=${LOCAL_SLURM_GPUS:-0}
 SETUP_LOG=${LOCAL_SLURM_LOG:-/var/log/slurm/local-setup.log}
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+DB_PASSWORD=local-slurm-accounting  # slurmdbd's password for MariaDB (reachable on its socket only)
 
 die() { echo "start-local-slurm: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts system daemons)"
@@ -36,21 +42,33 @@ command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu)"
 # are started with the lock's descriptor closed (9>&-): they would otherwise hold it forever.
 mkdir -p /run/lock "$(dirname "$SETUP_LOG")"
 exec 9>/run/lock/ffn-local-slurm.lock
-flock 9
+flock -w 900 9 || die "another start-local-slurm.sh has held /run/lock/ffn-local-slurm.lock for 900 s"
 
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-# retry SECONDS WHAT COMMAND...: runs COMMAND every 0.5 s until it succeeds or SECONDS have passed.
+# last_line FILE: the last non-empty line of FILE (tabs and runs of spaces squeezed), or "empty".
+last_line() { { grep -v '^[[:space:]]*$' "$1" 2>/dev/null || true; } | tail -n 1 | tr -s '\t ' '  '; }
+# retry SECONDS WHAT LOG COMMAND...: runs COMMAND every 0.5 s (each try limited to 20 s) until it
+# succeeds; after SECONDS, one line on stderr names WHAT, COMMAND's last output and LOG, and the
+# script ends. COMMAND may be a shell function (which bounds its own commands).
 retry() {
-  local seconds=$1 what=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
+  local seconds=$1 what=$2 log=$3; shift 3
+  local deadline=$((SECONDS + seconds)) out
+  out=$(mktemp)
+  while true; do
+    if [ "$(type -t "$1")" = function ]; then
+      "$@" >"$out" 2>&1 && break
+    else
+      timeout 20 "$@" >"$out" 2>&1 && break
+    fi
     if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "start-local-slurm: gave up after ${seconds}s waiting for $what; recent logs:" >&2
-      tail -n 15 /var/log/slurm/*.log >&2 || true
-      return 1
+      echo "start-local-slurm: gave up after ${seconds}s waiting for $what ($*: $(last_line "$out"));" \
+        "see $log (last line: $(last_line "$log"))" >&2
+      rm -f "$out"
+      exit 1
     fi
     sleep 0.5
   done
+  rm -f "$out"
 }
 
 # 1. Packages. policy-rc.d answering 101 stops the packages' maintainer scripts from starting the
@@ -68,10 +86,11 @@ if ! installed; then
     chmod 755 /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  apt-get -o DPkg::Lock::Timeout=600 update -q >>"$SETUP_LOG" 2>&1
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
+  timeout 1200 apt-get -o DPkg::Lock::Timeout=600 update -q >>"$SETUP_LOG" 2>&1 \
+    || die "apt-get update failed or took over 20 min; see $SETUP_LOG (last line: $(last_line "$SETUP_LOG"))"
+  DEBIAN_FRONTEND=noninteractive timeout 1800 apt-get -o DPkg::Lock::Timeout=600 install -y -q \
     --no-install-recommends "${PACKAGES[@]}" >>"$SETUP_LOG" 2>&1 \
-    || { tail -n 30 "$SETUP_LOG" >&2; die "apt-get install failed"; }
+    || die "apt-get install failed or took over 30 min; see $SETUP_LOG (last line: $(last_line "$SETUP_LOG"))"
 fi
 
 HOST=$(hostname -s)
@@ -88,7 +107,7 @@ chown munge:munge /etc/munge/munge.key
 chmod 400 /etc/munge/munge.key
 install -d -o munge -g munge -m 755 /run/munge
 running /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged 9>&-
-retry 15 "munged" sh -c 'munge -n | unmunge'
+retry 15 "munged" /var/log/munge/munged.log sh -c 'munge -n | unmunge'
 
 # 3. Slurm configuration. cons_tres with CR_Core_Memory schedules cores and memory, so a job array
 #    runs as many tasks at once as fit; proctrack/linuxproc and task/none need no cgroup setup.
@@ -146,13 +165,15 @@ if ! running /run/mysqld/mysqld.pid; then
   setsid -f /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/run/mysqld/mysqld.sock \
     --pid-file=/run/mysqld/mysqld.pid </dev/null >>/var/log/slurm/mariadb.log 2>&1 9>&-
 fi
-retry 60 "MariaDB" mariadb -e 'SELECT 1'
-mariadb <<'SQL'
+retry 60 "MariaDB" /var/log/slurm/mariadb.log mariadb -e 'SELECT 1'
+# ALTER USER: CREATE USER IF NOT EXISTS keeps the password of a 'slurm' user that already exists.
+timeout 60 mariadb <<SQL || die "MariaDB refused to set up the accounting database and user; see /var/log/slurm/mariadb.log"
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'local-slurm-accounting';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASSWORD';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASSWORD';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 SQL
-install -m 600 -o slurm -g slurm /dev/stdin /etc/slurm/slurmdbd.conf <<'EOF'
+install -m 600 -o slurm -g slurm /dev/stdin /etc/slurm/slurmdbd.conf <<EOF
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
@@ -162,21 +183,24 @@ LogFile=/var/log/slurm/slurmdbd.log
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=slurm
-StoragePass=local-slurm-accounting
+StoragePass=$DB_PASSWORD
 StorageLoc=slurm_acct_db
 EOF
 running /run/slurmdbd.pid || /usr/sbin/slurmdbd 9>&-
-retry 60 "slurmdbd" sacctmgr -n list cluster
+retry 60 "slurmdbd" /var/log/slurm/slurmdbd.log sacctmgr -n list cluster
 
 # 5. Controller and node daemon. The controller registers the cluster with slurmdbd on start-up.
 running /run/slurmctld.pid || /usr/sbin/slurmctld 9>&-
-retry 60 "slurmctld" scontrol ping
+retry 60 "slurmctld" /var/log/slurm/slurmctld.log scontrol ping
 running /run/slurmd.pid || /usr/sbin/slurmd 9>&-
 # A node that was DOWN (e.g. from an earlier, killed run) is resumed until it reports idle.
 node_idle() {
-  sinfo -h -n "$HOST" -o %T | grep -Eqx 'idle|mixed|allocated' && return 0
-  scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
+  local state
+  state=$(timeout 20 sinfo -h -n "$HOST" -o %T) || return 1
+  echo "node $HOST is ${state:-not listed}"
+  grep -Eqx 'idle|mixed|allocated' <<<"$state" && return 0
+  timeout 20 scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
   return 1
 }
-retry 60 "node $HOST to become idle" node_idle
-sinfo
+retry 60 "node $HOST to become idle" /var/log/slurm/slurmd.log node_idle
+timeout 20 sinfo

@@ -7,10 +7,11 @@ set -uo pipefail
 
 [ "$(id -u)" = 0 ] || { echo "stop-local-slurm: must run as root" >&2; exit 1; }
 
-if command -v squeue >/dev/null && scontrol ping >/dev/null 2>&1; then
-  squeue -h -o %A | sort -u | xargs -r scancel
+# Every Slurm command is bounded (timeout): an unresponsive controller does not stop the script.
+if command -v squeue >/dev/null && timeout 20 scontrol ping >/dev/null 2>&1; then
+  timeout 20 squeue -h -o %A | sort -u | xargs -r timeout 20 scancel
   for _ in $(seq 40); do
-    [ -z "$(squeue -h 2>/dev/null)" ] && break
+    [ -z "$(timeout 20 squeue -h 2>/dev/null)" ] && break
     sleep 0.5
   done
 fi
