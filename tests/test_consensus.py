@@ -29,6 +29,16 @@ SEG1 = np.array([[[1, 1, 1, 1, 1, 2],
                   [2, 2, 0, 0, 3, 3]]], np.uint64)
 SEG2 = np.array([[[7, 7, 7, 8, 8, 8],
                   [8, 0, 7, 0, 0, 9]]], np.uint64)
+# The split of SEG1 by SEG2 worked out by hand, by split_min_size. Pieces (seg1, seg2): voxels are
+# (1,7): 3, (1,8): 2, (2,8): 2, (2,0): 1, (3,0): 1, (3,9): 1, and seg1's background. Each object's
+# largest piece keeps its id ((3,0) wins the tie); the other kept pieces get 4, 5, ... in order of
+# (seg2 id, seg1 id): (2,0) -> 4, (1,8) -> 5, (3,9) -> 6. Pieces under split_min_size become 0 and
+# take no id.
+GOLDEN = {
+    0: np.array([[[1, 1, 1, 5, 5, 2], [2, 4, 0, 0, 3, 6]]], np.uint64),
+    2: np.array([[[1, 1, 1, 4, 4, 2], [2, 0, 0, 0, 0, 0]]], np.uint64),
+    3: np.array([[[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]], np.uint64),
+}
 
 
 def reference_split(seg1: np.ndarray, seg2: np.ndarray, min_size: int) -> np.ndarray:
@@ -54,15 +64,12 @@ def reference_split(seg1: np.ndarray, seg2: np.ndarray, min_size: int) -> np.nda
   return np.array(out, np.uint64).reshape(seg1.shape)
 
 
-@pytest.mark.parametrize("min_size,expected", [
-    (0, [[1, 1, 1, 5, 5, 2], [2, 4, 0, 0, 3, 6]]),
-    (2, [[1, 1, 1, 4, 4, 2], [2, 0, 0, 0, 0, 0]]),
-    (3, [[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]),
-])
-def test_golden_split(min_size, expected):
+@pytest.mark.parametrize("min_size", sorted(GOLDEN))
+def test_golden_split(min_size):
   out = split_by_intersection(SEG1, SEG2, min_size)
   assert out.dtype == np.uint64
-  np.testing.assert_array_equal(out, np.array([expected], np.uint64))
+  np.testing.assert_array_equal(out, GOLDEN[min_size])
+  np.testing.assert_array_equal(reference_split(SEG1, SEG2, min_size), GOLDEN[min_size])
 
 
 def test_largest_piece_keeps_its_id_even_when_cleared():
@@ -98,7 +105,9 @@ def test_matches_pairwise_reference_and_invariants(seed, offset, min_size):
 
 def test_signed_inputs_and_bad_inputs():
   np.testing.assert_array_equal(split_by_intersection(SEG1.astype(np.int32), SEG2.astype(np.int64)),
-                                split_by_intersection(SEG1, SEG2))
+                                GOLDEN[0])
+  np.testing.assert_array_equal(split_by_intersection(SEG1.astype(np.uint8), SEG2.astype(np.int16), 2),
+                                GOLDEN[2])
   with pytest.raises(FFNError, match="shapes differ"):
     split_by_intersection(SEG1, SEG2[..., :3])
   with pytest.raises(FFNError, match=">= 0"):
@@ -108,9 +117,9 @@ def test_signed_inputs_and_bad_inputs():
 
 
 def test_kept_origins():
-  out = split_by_intersection(SEG1, SEG2, 2)
   origins = {1: "o1", 2: "o2", 3: "o3", 4: "stale"}
-  assert kept_origins(origins, 3, out) == {1: "o1", 2: "o2"}
+  assert kept_origins(origins, 3, GOLDEN[2]) == {1: "o1", 2: "o2"}  # 3 is gone, 4 is new
+  assert kept_origins(origins, 3, GOLDEN[0]) == {1: "o1", 2: "o2", 3: "o3"}
 
 
 def _request(tmp_path: Path, extra: str = "", sources: str = "split_cc: false") -> str:
@@ -168,7 +177,7 @@ def test_round_trip_through_saved_results(tmp_path, capsys):
   out_path = storage.segmentation_path(str(tmp_path / "out"), CORNER)
   assert out_path.endswith(os.path.join("out", "16", "8", "seg-16_8_4.npz"))
   seg, origins = storage.load_segmentation_file(out_path)
-  expected = split_by_intersection(SEG1, SEG2, 2)
+  expected = GOLDEN[2]
   np.testing.assert_array_equal(seg, expected)
   assert set(origins) == {1, 2} and origins[1] == origin
   with np.load(out_path, allow_pickle=True) as data:
@@ -289,7 +298,7 @@ def test_forward_reverse_then_consensus(tmp_path, capsys):
   fwd, fwd_origins = storage.load_segmentation(str(tmp_path / "fwd"), (0, 0, 0))
   rev, _ = storage.load_segmentation(str(tmp_path / "rev"), (0, 0, 0))
   assert storage.existing_segmentation_path(str(tmp_path / "fwd"), (0, 0, 0)) == forward
-  np.testing.assert_array_equal(seg, split_by_intersection(fwd, rev, 10))
+  np.testing.assert_array_equal(seg, reference_split(fwd, rev, 10))
   assert np.unique(fwd).size == np.unique(rev).size == 4 and np.unique(seg).size == 5
   assert origins == fwd_origins
 
@@ -302,7 +311,7 @@ def test_run_consensus_script(tmp_path):
                         capture_output=True, text=True, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr
   seg, _ = storage.load_segmentation_file(storage.segmentation_path(str(tmp_path / "out"), CORNER))
-  np.testing.assert_array_equal(seg, split_by_intersection(SEG1, SEG2))
+  np.testing.assert_array_equal(seg, GOLDEN[0])  # split_min_size unset: 0
 
 
 def test_subvolumes_each_get_their_consensus(tmp_path, capsys):
@@ -326,7 +335,7 @@ def test_subvolumes_each_get_their_consensus(tmp_path, capsys):
   assert code == 0, err
   for corner, (seg1, seg2) in expected.items():
     seg, _ = storage.load_segmentation_file(storage.segmentation_path(str(tmp_path / "out"), corner))
-    np.testing.assert_array_equal(seg, split_by_intersection(seg1, seg2, 0))
+    np.testing.assert_array_equal(seg, reference_split(seg1, seg2, 0))
   code, err = _run(capsys, "--consensus_request", request, "--bounding_box", box,
                    "--subvolume_size", "6,6,4", "--output_h5", f"{tmp_path}/c.h5:seg")
   assert code == 2 and "cannot be combined with --subvolume_size" in err
