@@ -198,3 +198,18 @@ def test_serve_on_a_busy_port_is_a_one_line_error(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_serve_local_client_on_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+  import socket
+  _, _, out = _export_precomputed(tmp_path, 8)
+  capsys.readouterr()
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    assert main(["serve", str(out), "--port", "0", "--client", "local", "--client_port", str(port)]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip()
+  assert len(err.splitlines()) == 1 and f"--client local: cannot listen on 127.0.0.1:{port}" in err
+  assert captured.out == ""  # no "serving ..." line for a server that does not start

@@ -10,6 +10,13 @@ The link opens the public Neuroglancer client (``NEUROGLANCER_CLIENT``) with one
 sub-folder that holds a precomputed ``info`` file; the data itself only travels from this server to
 the browser (over an SSH tunnel such as ``ssh -L 8000:localhost:8000 <cluster node>`` when the
 folder is on a cluster).
+
+Without internet access, ``ffn serve view/ --client local`` also serves the viewer itself: the
+client bundled in the ``neuroglancer`` Python package (``pip install neuroglancer``). That build is
+Neuroglancer's Python-integrated client, which loads its state from the Python server that hosts
+it, so this command runs that server on ``--client_port`` (default ``--port`` + 1, also bound to
+``--bind``) with the same layers and prints its ``/v/<token>/`` link; tunnel both ports when the
+folder is on a cluster.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import os
-
 import json
+import os
+import sys
 import urllib.parse
 
 from ffn.errors import FFNError
@@ -51,24 +58,55 @@ def precomputed_layers(directory: str) -> list[tuple[str, str]]:
   return sorted(layers, key=lambda layer: (layer[1] != "image", layer[0]))
 
 
+def layer_state(base_url: str, layers: list[tuple[str, str]]) -> dict:
+  """Neuroglancer viewer state (JSON) showing ``layers`` (name, type) served under ``base_url``,
+  in the 4-panel layout (xy, xz, 3D, yz)."""
+  return {"layers": [{"type": kind, "source": f"precomputed://{base_url.rstrip('/')}/{name}",
+                      "name": name} for name, kind in layers],
+          "layout": "4panel"}
+
+
 def neuroglancer_url(base_url: str, layers: list[tuple[str, str]]) -> str:
-  """A Neuroglancer link showing ``layers`` (name, type) served under ``base_url``."""
-  state = {"layers": [{"type": kind, "source": f"precomputed://{base_url.rstrip('/')}/{name}",
-                       "name": name} for name, kind in layers],
-           "layout": "4panel"}
+  """A link to the public Neuroglancer client showing ``layers`` (name, type) served under
+  ``base_url``."""
+  state = layer_state(base_url, layers)
   fragment = urllib.parse.quote(json.dumps(state, separators=(",", ":")), safe="")
   return f"{NEUROGLANCER_CLIENT}#!{fragment}"
 
 
+def start_local_client(state: dict, bind: str, port: int) -> str:
+  """Starts Neuroglancer's Python server (a background thread) hosting the bundled client with
+  ``state``; returns the viewer link."""
+  try:
+    import neuroglancer
+  except ImportError:
+    raise FFNError("--client local needs the neuroglancer Python package (pip install neuroglancer)") from None
+  neuroglancer.set_server_bind_address(bind, port)
+  try:
+    viewer = neuroglancer.Viewer()  # starts the server
+    viewer.set_state(state)
+    return viewer.get_viewer_url()
+  except OSError as e:
+    raise FFNError(f"--client local: cannot listen on {bind}:{port} ({e.strerror or e}); "
+                   "choose another --client_port") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("directory", help="folder to serve (e.g. an ffn export --format precomputed output)")
-  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--port", type=int, default=8000, help="TCP port of the data (0: any free port)")
   parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: local only)")
+  parser.add_argument("--client", choices=("public", "local"), default="public",
+                      help=f"viewer the printed link opens: public ({NEUROGLANCER_CLIENT}, needs "
+                           "internet) or local (the client bundled in the neuroglancer Python "
+                           "package, served by this command; works offline)")
+  parser.add_argument("--client_port", type=int, default=None,
+                      help="TCP port of the local client (default: --port + 1; 0: any free port)")
 
 
 def run(args: argparse.Namespace) -> int:
   if not os.path.isdir(args.directory):
     raise FFNError(f"{args.directory}: not a directory")
+  layers = precomputed_layers(args.directory)
   handler = functools.partial(CORSRequestHandler, directory=args.directory)
   try:
     server = http.server.ThreadingHTTPServer((args.bind, args.port), handler)
@@ -76,10 +114,18 @@ def run(args: argparse.Namespace) -> int:
     raise FFNError(f"cannot listen on {args.bind}:{args.port} ({e.strerror or e}); "
                    "choose another --port") from None
   with server:
-    base = f"http://{'localhost' if args.bind in ('127.0.0.1', '0.0.0.0') else args.bind}:{args.port}"
+    port = server.server_address[1]
+    base = f"http://{'localhost' if args.bind in ('127.0.0.1', '0.0.0.0') else args.bind}:{port}"
+    link = None
+    if layers and args.client == "local":
+      client_port = args.client_port if args.client_port is not None else (port + 1 if args.port else 0)
+      url = start_local_client(layer_state(base, layers), args.bind, client_port)
+      link = f"open in Neuroglancer (local client): {url}"
+    elif layers:
+      link = f"open in Neuroglancer: {neuroglancer_url(base, layers)}"
     print(f"serving {os.path.abspath(args.directory)} at {base}/ (Ctrl-C stops)")
-    layers = precomputed_layers(args.directory)
-    if layers:
-      print(f"open in Neuroglancer: {neuroglancer_url(base, layers)}", flush=True)
+    if link:
+      print(link)
+    sys.stdout.flush()
     server.serve_forever()
   return 0

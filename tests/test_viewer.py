@@ -1,0 +1,331 @@
+"""A real viewer: ``ffn export --format precomputed`` -> ``ffn serve --client local`` -> Neuroglancer
+in headless Chromium, checked on the screenshot's pixels.
+
+Everything runs on 127.0.0.1: ``ffn serve`` serves the exported folder and, with ``--client local``,
+the Neuroglancer client bundled in the ``neuroglancer`` Python package (test extra). Chromium
+(Debian's ``chromium``; ``run_tests.sh`` installs it as root) is driven over the DevTools protocol
+on a pipe (``--remote-debugging-pipe``: NUL-separated JSON messages on file descriptors 3 and 4),
+WebGL rendered by SwiftShader on the CPU. The page's ``viewer.display.isReady()`` (Neuroglancer's
+own "every visible chunk is loaded" flag) and two identical consecutive screenshots mark the end
+of loading.
+
+Checks on the xy panel (top left of the 4-panel layout), located by the yellow outline that
+Neuroglancer draws around a layer's bounds:
+
+* the EM: Pearson r between the screenshot's grey level and the raw slice at the viewed z
+  (``floor`` of the viewer's position, in volume voxels, i.e. including the box offset), after
+  subtracting each object's mean from both (the 50% segment tint adds a constant per object);
+  a slice 8 voxels away must correlate clearly worse, so this is the viewed slice, not any EM;
+* the segment colours: where the segmentation is non-zero the tint (R-G, G-B) is that object's
+  colour (constant over the object whatever the EM under it: the grey adds equally to R, G, B)
+  and equals ``alpha * (colour_R - colour_G, colour_G - colour_B)`` for Neuroglancer's own colour
+  of the id (``neuroglancer.segment_colors``, the Python copy of the viewer's hash); where it is
+  zero the pixel is grey and equals the raw value.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT, SAMPLE_CROP, missing
+from ffn.cli import main
+from ffn.inference import storage
+
+WINDOW = (1200, 900)  # width, height (CSS pixels = screenshot pixels)
+LOAD_TIMEOUT_S = 90.0  # bounded wait for the viewer to load; generous for a loaded 2-core machine
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                  "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-extensions",
+                  f"--window-size={WINDOW[0]},{WINDOW[1]}"]
+
+
+def chromium_binary() -> str:
+  """Path of Chromium (``$FFN_CHROMIUM`` or ``chromium`` on PATH); :func:`missing` when absent."""
+  path = os.environ.get("FFN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+  if not path:
+    missing("needs Chromium for the real-viewer test (apt-get install chromium; run_tests.sh does it as root)")
+  return path
+
+
+class Browser:
+  """Headless Chromium driven over the DevTools protocol on a pipe; one page."""
+
+  def __init__(self, binary: str, profile: str) -> None:
+    to_chrome_r, self._to_chrome = os.pipe()
+    self._from_chrome, from_chrome_w = os.pipe()
+
+    def as_fds_3_and_4() -> None:  # in the child: the pipe ends where --remote-debugging-pipe reads
+      os.dup2(to_chrome_r, 3)
+      os.dup2(from_chrome_w, 4)
+
+    self._log = open(os.path.join(profile, "chromium.log"), "wb")
+    self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                  "--remote-debugging-pipe", "about:blank"],
+                                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                 preexec_fn=as_fds_3_and_4, pass_fds=(3, 4), start_new_session=True)
+    os.close(to_chrome_r)
+    os.close(from_chrome_w)
+    self._buffer = b""
+    self._next_id = 0
+    self.session = None
+    target = self.call("Target.createTarget", url="about:blank")["targetId"]
+    self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    self.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1],
+              deviceScaleFactor=1, mobile=False)
+
+  def call(self, method: str, timeout_s: float = 60.0, **params) -> dict:
+    """Sends one command (to the page once attached) and returns its result."""
+    self._next_id += 1
+    message = {"id": self._next_id, "method": method, "params": params}
+    if self.session and not method.startswith(("Target.", "Browser.")):
+      message["sessionId"] = self.session
+    os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+    deadline = time.monotonic() + timeout_s
+    while True:
+      while b"\0" in self._buffer:
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        reply = json.loads(raw)
+        if reply.get("id") == self._next_id:
+          if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+          return reply["result"]
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+        raise TimeoutError(f"Chromium did not answer {method} within {timeout_s:.0f} s")
+      chunk = os.read(self._from_chrome, 1 << 20)
+      if not chunk:
+        raise RuntimeError(f"Chromium exited (log: {self._log.name})")
+      self._buffer += chunk
+
+  def evaluate(self, expression: str):
+    result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+    if "exceptionDetails" in result:
+      raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+    return result["result"].get("value")
+
+  def screenshot(self) -> np.ndarray:
+    """The page as an RGB uint8 array (height, width, 3)."""
+    data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+  def close(self) -> None:
+    try:
+      self.call("Browser.close", timeout_s=10)
+      self.proc.wait(timeout=20)
+    except (OSError, RuntimeError, TimeoutError, subprocess.TimeoutExpired):
+      os.killpg(self.proc.pid, signal.SIGKILL)
+      self.proc.wait(timeout=20)
+    finally:
+      os.close(self._to_chrome)
+      os.close(self._from_chrome)
+      self._log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[Browser]:
+  binary = chromium_binary()
+  b = Browser(binary, str(tmp_path_factory.mktemp("chromium-profile")))
+  try:
+    yield b
+  finally:
+    b.close()
+
+
+@contextmanager
+def ffn_serve(directory: Path) -> Iterator[str]:
+  """Runs ``ffn serve DIRECTORY --port 0 --client local`` and yields the viewer link it prints
+  (its request log goes to ``DIRECTORY.log``)."""
+  log = open(f"{directory}.log", "wb")
+  proc = subprocess.Popen([sys.executable, "-c", "import sys; from ffn.cli import main; sys.exit(main())",
+                           "serve", str(directory), "--port", "0", "--client", "local"],
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log)
+  try:
+    deadline, out = time.monotonic() + 60, b""
+    while b"open in Neuroglancer" not in out or not out.endswith(b"\n"):
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+        raise TimeoutError(f"ffn serve printed no link within 60 s: {out!r}")
+      chunk = os.read(proc.stdout.fileno(), 1 << 16)
+      if not chunk:
+        raise RuntimeError(f"ffn serve exited: {out!r} (log: {log.name})")
+      out += chunk
+    lines = out.decode().splitlines()
+    assert lines[0].startswith(f"serving {directory} at http://localhost:")
+    url = lines[-1].split(": ", 1)[1]
+    assert url.startswith("http://127.0.0.1:") and "/v/" in url  # the local client, not the internet
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def load_view(browser: Browser, url: str) -> tuple[np.ndarray, dict]:
+  """Opens ``url``, waits until every visible chunk is drawn; returns (screenshot, viewer state)."""
+  browser.call("Page.navigate", url=url)
+  deadline, previous = time.monotonic() + LOAD_TIMEOUT_S, None
+  while time.monotonic() < deadline:
+    time.sleep(1.0)
+    ready = browser.evaluate("typeof viewer !== 'undefined' && viewer.layerManager.managedLayers.length"
+                             " === 2 && viewer.display.isReady()")
+    shot = browser.screenshot()
+    if ready and previous is not None and np.array_equal(shot, previous) and xy_box(shot) is not None:
+      state = json.loads(browser.evaluate("JSON.stringify(viewer.state.toJSON())"))
+      return shot, state
+    previous = shot if ready else None
+  raise TimeoutError(f"Neuroglancer did not finish loading {url} within {LOAD_TIMEOUT_S:.0f} s")
+
+
+def xy_box(shot: np.ndarray) -> tuple[int, int, int, int] | None:
+  """(row0, row1, col0, col1), inclusive, of the yellow bounds outline in the top-left (xy) panel."""
+  h, w, _ = shot.shape
+  panel = shot[: h // 2, : w // 2].astype(int)
+  yellow = (panel[..., 0] > 200) & (panel[..., 1] > 200) & (panel[..., 2] < 60)
+  rows, cols = np.nonzero(yellow.sum(axis=1) > 20)[0], np.nonzero(yellow.sum(axis=0) > 20)[0]
+  if len(rows) < 2 or len(cols) < 2:
+    return None
+  return rows[0], rows[-1], cols[0], cols[-1]
+
+
+def xy_panel_voxels(shot: np.ndarray, size_yx: tuple[int, int]) -> np.ndarray:
+  """The xy panel's pixels inside the outline, one per voxel of the box, as float RGB of shape
+  (ny, nx, 3), at Neuroglancer's default zoom (``crossSectionScale`` 1: one voxel per pixel): the
+  outline's first line is on the pixels before the box's first voxel, its last line on the one
+  or two pixels after the box's last voxel."""
+  r0, r1, c0, c1 = xy_box(shot)
+  ny, nx = size_yx
+  assert r1 - (r0 + 1 + ny) in (0, 1) and c1 - (c0 + 1 + nx) in (0, 1), ((r0, r1, c0, c1), size_yx)
+  return shot[r0 + 1:r0 + 1 + ny, c0 + 1:c0 + 1 + nx].astype(np.float64)
+
+
+def residual_r(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:
+  """Pearson r of ``a`` and ``b`` after subtracting each label's mean from each."""
+  a, b = a.astype(np.float64).copy(), b.astype(np.float64).copy()
+  for label in np.unique(labels):
+    m = labels == label
+    a[m] -= a[m].mean()
+    b[m] -= b[m].mean()
+  return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def segment_tint(segment_id: int, color_seed: int, alpha: float) -> np.ndarray:
+  """(R-G, G-B) that Neuroglancer's colour for ``segment_id`` adds at opacity ``alpha``."""
+  from neuroglancer.segment_colors import hex_string_from_segment_id
+  hexa = hex_string_from_segment_id(color_seed, segment_id)
+  r, g, b = (int(hexa[i:i + 2], 16) for i in (1, 3, 5))
+  return alpha * np.array([r - g, g - b], np.float64)
+
+
+def check_view(shot: np.ndarray, state: dict, raw_zyx: np.ndarray, labels: np.ndarray,
+               box_start_xyz: tuple[int, int, int]) -> dict:
+  """Asserts what the module docstring says on a screenshot of a box exported at
+  ``box_start_xyz`` (``raw_zyx`` is the whole image volume, ``labels`` the box's segmentation)."""
+  x0, y0, z0 = box_start_xyz
+  nz, ny, nx = labels.shape
+  # Neuroglancer's default position: the centre of the middle voxel of the layer's bounds, in
+  # volume coordinates (voxel i spans [i, i + 1))
+  position = state["position"]
+  assert position == [math.floor(s + n / 2) + 0.5 for s, n in ((x0, nx), (y0, ny), (z0, nz))]
+  z = math.floor(position[2])
+  assert state["crossSectionScale"] == 1
+  pixels = xy_panel_voxels(shot, (ny, nx))
+  inner = (slice(3, -3), slice(3, -3))  # the outline covers the box's edge voxels
+  grey, lab = pixels.mean(axis=-1)[inner], labels[z - z0][inner]
+
+  def em(zz: int) -> np.ndarray:
+    return raw_zyx[zz, y0:y0 + ny, x0:x0 + nx][inner].astype(np.float64)
+
+  r_viewed = residual_r(grey, em(z), lab)
+  r_away = max(residual_r(grey, em(zz), lab) for zz in (z - 8, z + 8))
+  assert r_viewed > 0.8 and r_viewed > r_away + 0.2, (r_viewed, r_away)
+
+  seg_layer = next(layer for layer in state["layers"] if layer["type"] == "segmentation")
+  alpha, seed = seg_layer.get("selectedAlpha", 0.5), seg_layer.get("colorSeed", 0)
+  rgb = pixels[inner]
+  tint = np.stack([rgb[..., 0] - rgb[..., 1], rgb[..., 1] - rgb[..., 2]], axis=-1)
+  ids = [int(i) for i in np.unique(lab) if i != 0]
+  for segment_id in ids:
+    m = lab == segment_id
+    if m.sum() < 30:
+      continue  # a sliver: too few pixels away from its edges to judge
+    # within an object the tint is constant up to 8-bit rounding (+-1 per channel, so +-2 in a
+    # difference) and blending of boundary pixels: the median is exact, 90% of pixels within 3
+    expected = segment_tint(segment_id, seed, alpha)
+    np.testing.assert_allclose(np.median(tint[m], axis=0), expected, atol=3)
+    assert np.mean(np.all(np.abs(tint[m] - expected) <= 3, axis=-1)) > 0.9, segment_id
+  zero = lab == 0
+  if zero.any():  # unsegmented: plain grey, the raw value (uint8 shown over its full range)
+    assert np.mean(np.abs(tint[zero]).max(axis=-1) <= 2) > 0.95
+    assert np.mean(np.abs(grey[zero] - em(z)[zero]) <= 2) > 0.95
+  return {"r_viewed": r_viewed, "r_away": r_away, "objects": len(ids)}
+
+
+def _record(shot: np.ndarray, name: str) -> None:
+  """Keeps the screenshot for a human to look at when FFN_VIEWER_SHOTS names a folder."""
+  folder = os.environ.get("FFN_VIEWER_SHOTS")
+  if folder:
+    Image.fromarray(shot).save(os.path.join(folder, name))
+
+
+def test_export_at_an_offset_shows_in_neuroglancer(tmp_path, browser):
+  """A synthetic box at x,y,z = (70, 9, 130) (not chunk-aligned, several chunks): smooth random EM,
+  rectangles of 64-bit ids on a zero background."""
+  from scipy.ndimage import gaussian_filter
+  rng = np.random.default_rng(17)
+  corner_xyz, shape_zyx = (70, 9, 130), (24, 80, 90)
+  noise = gaussian_filter(rng.normal(size=(160, 100, 170)), 1.5)
+  raw = np.clip(128 + noise / noise.std() * 50, 0, 255).astype(np.uint8)
+  labels = np.zeros(shape_zyx, np.int64)
+  labels[:, 5:40, 5:50] = 2**40 + 3
+  labels[:, 45:75, 10:40] = 7
+  labels[:, 20:70, 55:85] = 123456789
+  with h5py.File(tmp_path / "raw.h5", "w") as f:
+    f["raw"] = raw
+  x, y, z = corner_xyz
+  seg = storage.segmentation_path(str(tmp_path / "res"), (z, y, x))
+  storage.save_subvolume(labels, {}, seg)
+  assert main(["export", "--segmentation", seg, "--format", "precomputed", "--output",
+               str(tmp_path / "view"), "--image", f"{tmp_path}/raw.h5:raw"]) == 0
+  with ffn_serve(tmp_path / "view") as url:
+    shot, state = load_view(browser, url)
+  _record(shot, "offset.png")
+  found = check_view(shot, state, raw, labels, corner_xyz)
+  print(found)
+  assert found["objects"] == 3
+
+
+def test_demo_box_shows_in_neuroglancer(tmp_path, browser, sample_fib25):
+  """The demo's export: google's benchmark box (start 25,25,25 of the shipped crop, 100^3) with the
+  crop's ground truth standing in for the demo's segmentation (same box, ids, dtype), exported with
+  the demo's command."""
+  with h5py.File(SAMPLE_CROP) as f:
+    raw, truth = f["raw"][:], f["stack"][:]
+  labels = truth[25:125, 25:125, 25:125]
+  seg = storage.segmentation_path(str(tmp_path / "segmentation"), (25, 25, 25))
+  storage.save_subvolume(labels, {}, seg)
+  assert main(["export", "--segmentation", seg, "--format", "precomputed", "--output",
+               str(tmp_path / "neuroglancer"), "--image", f"{SAMPLE_CROP}:raw"]) == 0
+  with ffn_serve(tmp_path / "neuroglancer") as url:
+    shot, state = load_view(browser, url)
+  _record(shot, "demo.png")
+  found = check_view(shot, state, raw, labels, (25, 25, 25))
+  print(found)
+  assert found["objects"] >= 5
