@@ -102,9 +102,9 @@ def test_identical_to_google_random(seed):
       compute_partitions_reference(labels, thresholds, radius, min_size))
 
 
-def test_identical_to_google_on_fib25_crop(fib25_dir):
-  with h5py.File(fib25_dir / "training_sample2.h5", "r") as f:
-    labels = f["stack"][60:140, 40:150, 70:160]
+def test_identical_to_google_on_the_shipped_crop(sample_fib25):
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    labels = f["stack"][10:90, 0:100, 20:110]  # z,y,x; body labels of 80 x 100 x 90 voxels
   ours = compute_partitions(labels, GOOGLE_THRESHOLDS, (8, 8, 8), min_size=1000)
   np.testing.assert_array_equal(ours, compute_partitions_reference(labels, GOOGLE_THRESHOLDS,
                                                                    (8, 8, 8), 1000))
@@ -136,7 +136,11 @@ def test_cli_output_and_attrs(tmp_path):
   assert rc == 0
   with h5py.File(tmp_path / "af.h5", "r") as f:
     af = f["af"][...]
-    np.testing.assert_array_equal(af, compute_partitions(labels, [0.2, 0.6], (2, 1, 1), 5))
+    np.testing.assert_array_equal(af, compute_partitions_reference(labels, [0.2, 0.6], (2, 1, 1), 5))
+    # By hand: the box is 3 (z) x 3 (y) x 5 (x) = 45 voxels. A corner of the object holds
+    # 2*2*3 = 12 (0.27) of it, an edge along x 2*2*5 = 20 (0.44), a z face 2*3*5 = 30 (0.67).
+    assert (af[2, 3, 2], af[2, 3, 5], af[2, 5, 5], af[4, 5, 5], af[1, 1, 2]) == (2, 2, 3, 3, 0)
+    assert set(np.unique(af).tolist()) == {0, 2, 3, 255}
     # google: bounding box shrunk by the radius (start, size; x,y,z), counts of the inner part.
     np.testing.assert_array_equal(f["af"].attrs["bounding_boxes"], [[[2, 1, 1], [7, 8, 7]]])
     values, counts = np.unique(af[1:-1, 1:-1, 2:-2], return_counts=True)
