@@ -2,7 +2,9 @@
 
 Each subcommand lives in the module that implements its stage and exposes two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their command
-runs, so ``ffn --help`` stays fast (no TensorFlow import). The top-level scripts
+runs, and no ``add_arguments`` imports TensorFlow, so ``ffn --help`` and ``ffn <step> --help``
+stay fast. Without ``--verbose``, TensorFlow's start-up log lines are kept out of the console
+(:mod:`ffn.quiet_tf`). The top-level scripts
 (``compute_partitions.py``, ``build_coordinates.py``, ...) are thin wrappers over :func:`main`.
 
 Flag names follow google/ffn (``--input_volume``, ``--partition_volumes``...), so existing command
@@ -14,10 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from typing import Sequence
 
+from ffn import quiet_tf
 from ffn.errors import FFNError
 
 # name -> (module implementing add_arguments/run, one-line help)
@@ -77,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.print_help()
     return 0
   name = _canonical(argv[0])
-  # TensorFlow's C++ INFO/WARNING banners (oneDNN, CPU features) drown the progress lines.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if not verbose:  # TensorFlow's start-up banners would precede every output and error line
+    quiet_tf.install()
   module = importlib.import_module(COMMANDS[name][0])
   parser = argparse.ArgumentParser(prog=f"ffn {name}", description=COMMANDS[name][1])
   module.add_arguments(parser)

@@ -29,7 +29,7 @@ def _axes(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from ffn.training.examples import FOV_POLICIES
-  from ffn.training.optimizer import OPTIMIZERS
+  from ffn.training.optimizer_names import OPTIMIZERS
   req = parser.add_argument_group("data and model (required)")
   req.add_argument("--train_coords", required=True, help="coordinate TFRecord (GZIP, google format)")
   req.add_argument("--data_volumes", required=True, help="name:path.h5:dataset,... image volumes")

@@ -12,8 +12,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from ffn.errors import FFNError
-
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "rmsprop")
+from ffn.training.optimizer_names import OPTIMIZERS
 
 
 class Optimizer(tf.Module):
