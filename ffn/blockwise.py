@@ -15,7 +15,8 @@ Run directory (chosen by the stage, next to its outputs)::
   <run_dir>/manifest.json                everything that determines the result, and the items
   <run_dir>/submissions/<n>.json         one per submission: cluster, job ids, items per task
   <run_dir>/tasks/<n>_<task>.json        written atomically by each task: state, host, pid, log
-                                         path, start, heartbeat, items in progress, seconds per item
+                                         path, start, heartbeat, attempt, items in progress,
+                                         seconds and finish time per item
   <run_dir>/logs/<job id>/               submitit's logs of each task
 
 API
@@ -258,9 +259,15 @@ class TaskReport:
   every change and every ``heartbeat_s`` seconds."""
 
   def __init__(self, path: Path, fields: dict[str, Any], heartbeat_s: float = HEARTBEAT_S):
+    """A requeued task (same file) keeps the seconds of items done by its earlier runs and
+    counts its runs in ``attempt``."""
     self.path = path
+    previous = _read_json(path) or {}
     self.data = {**fields, "state": "running", "host": socket.gethostname(), "pid": os.getpid(),
-                 "started": time.time(), "heartbeat": time.time(), "current": {}, "seconds": {}}
+                 "started": time.time(), "heartbeat": time.time(), "current": {},
+                 "seconds": dict(previous.get("seconds", {})),
+                 "finished": dict(previous.get("finished", {})),
+                 "attempt": int(previous.get("attempt", 0)) + 1}
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self._heartbeat_s = heartbeat_s
@@ -292,6 +299,7 @@ class TaskReport:
         seconds = time.time() - began
       if seconds is not None:
         self.data["seconds"][item.id] = round(seconds, 3)
+      self.data["finished"][item.id] = time.time()
       self._write()
 
   def end(self, state: str, error: str | None = None) -> None:
@@ -414,8 +422,9 @@ class ItemStatus:
 
 @dataclasses.dataclass
 class RunStatus:
-  """Where a run stands. ``voxels_per_s``: voxels finished by the latest submission's tasks per
-  second of that submission's wall time; ``eta_s``: not-done voxels at that rate (None: unknown)."""
+  """Where a run stands. ``voxels_per_s``: voxels finished by the latest submission's tasks (in
+  their latest runs) per second since the first of those runs started; ``eta_s``: not-done voxels
+  at that rate (None: unknown)."""
   run_dir: str
   items: list[WorkItem]
   states: dict[str, ItemStatus]
@@ -569,9 +578,9 @@ def compute_status(run_dir: str | os.PathLike, items: Sequence[WorkItem],
     mine = [d for d in tasks.values() if d.get("submission") == latest]
     if mine:
       costs = {item.id: item.cost for item in items}
-      done_voxels = sum(costs.get(i, 0) for d in mine for i in d.get("seconds", {})
-                        if states.get(i, ItemStatus("pending")).state == "done")
       first = min(d["started"] for d in mine)
+      done_voxels = sum(costs.get(i, 0) for d in mine for i, t in d.get("finished", {}).items()
+                        if t >= first and states.get(i, ItemStatus("pending")).state == "done")
       last = max(d.get("ended", now if d.get("state") == "running" else d["heartbeat"])
                  for d in mine)
       if done_voxels and last > first:

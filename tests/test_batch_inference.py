@@ -267,3 +267,37 @@ def test_killed_task_then_retry_failed_matches(tmp_path: Path, reference: Path, 
                "--wait", "--num_tasks", "2", *_slurm_options(slurm_job_name)]) == 0
   assert not cpoint.exists()
   _assert_same_chunks(out, reference)
+
+
+@pytest.mark.slurm
+def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
+                                                slurm_job_name: str) -> None:
+  """submitit's preemption signal (USR2, what Slurm sends before a time limit or preemption):
+  the task saves the chunk's checkpoint, submitit requeues the same job, and the requeued run
+  finishes every chunk exactly as the uninterrupted run did, with no new submission."""
+  import subprocess
+  _fit(slurm_job_name)
+  out = tmp_path / "out"
+  request = _request(tmp_path / "req.pbtxt", out)
+  assert main(["batch_inference", "--inference_request", request, *COMMON, "--num_tasks", "1",
+               *_slurm_options(slurm_job_name)]) == 0
+  run_dir = out / "batch"
+  data = _wait_mid_chunk(run_dir)
+  (current,) = data["current"]
+  subprocess.run(["scancel", "--signal=USR2", data["job_id"]], check=True, timeout=30)
+  x, y, z = (int(v) for v in current.split("_"))
+  cpoint = Path(storage.checkpoint_path(str(out), (z, y, x)))
+  path = run_dir / "tasks" / "0001_0.json"
+  deadline = time.monotonic() + 600  # Slurm holds a requeued job for a while (BeginTime)
+  while time.monotonic() < deadline:
+    task = json.loads(path.read_text())
+    if task["state"] == "finished":
+      break
+    time.sleep(1.0)
+  assert task["state"] == "finished" and task["attempt"] == 2, task
+  assert task["job_id"] == data["job_id"]  # the same job, requeued
+  assert current in task["seconds"] and not cpoint.exists()
+  log = Path(data["log"]).read_text()
+  assert "Requeued job" in log and f"checkpoint saved: {cpoint}" in log
+  assert len(list((run_dir / "submissions").glob("*.json"))) == 1
+  _assert_same_chunks(out, reference)
