@@ -34,17 +34,91 @@ def test_h5_tiff_png_roundtrip(tmp_path):
   np.testing.assert_array_equal(np.stack(planes), labels)
 
 
-def test_preview_with_image(tmp_path):
-  path, labels = make_result(tmp_path)
-  img = tmp_path / "img.h5"
-  with h5py.File(img, "w") as f:
-    f["raw"] = np.arange(10 * 10 * 10, dtype=np.uint16).reshape(10, 10, 10) % 256
+def _ink(rgb: np.ndarray) -> np.ndarray:
+  """Text/bar pixels of a white strip: any channel below mid-grey."""
+  return rgb.min(axis=-1) < 128
+
+
+def _text_found(strip: np.ndarray, text: str) -> bool:
+  """Whether ``text``, rendered with the preview's font, appears pixel for pixel (as ink) in an
+  RGB strip at some integer position."""
+  from PIL import ImageDraw, ImageFont
+  from numpy.lib.stride_tricks import sliding_window_view
+  from ffn.inference.export import PREVIEW_FONT_PX
+  font = ImageFont.load_default(size=PREVIEW_FONT_PX)
+  probe = Image.new("RGB", (400, 40), "white")
+  ImageDraw.Draw(probe).text((10, 10), text, fill="black", font=font)
+  ink = _ink(np.asarray(probe))
+  rows, cols = np.nonzero(ink)
+  template = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+  hay = _ink(strip)
+  if hay.shape[0] < template.shape[0] or hay.shape[1] < template.shape[1]:
+    return False
+  windows = sliding_window_view(hay, template.shape)
+  return bool(np.any(np.all(windows == template, axis=(-2, -1))))
+
+
+def test_preview_pixels_labels_scale_bar_and_count(tmp_path):
+  """The preview of a box at x,y,z = (7, 5, 3) of a random image, 8 x 8 x 30 nm voxels: each panel
+  shows the raw slice at the box's centre (volume coordinates) where nothing is segmented, every
+  object in one colour, the plane labels with the offset included, a 50 nm scale bar and the
+  object count."""
+  from ffn.inference.export import PREVIEW_FOOTER_PX, PREVIEW_HEADER_PX
+  rng = np.random.default_rng(3)
+  volume = rng.integers(0, 256, (20, 24, 30), dtype=np.uint8)
+  with h5py.File(tmp_path / "img.h5", "w") as f:
+    f["raw"] = volume
+  nz, ny, nx = 8, 12, 14
+  labels = np.zeros((nz, ny, nx), np.int64)
+  labels[:, 0:5, 0:6] = 1
+  labels[2:, 6:12, 2:9] = 300
+  labels[:5, 2:10, 10:14] = 2**40 + 1
+  path = storage.segmentation_path(str(tmp_path / "res"), (3, 5, 7))  # corner z,y,x
+  storage.save_subvolume(labels, {}, path)
   out = tmp_path / "p.png"
-  assert main(["export", "--segmentation", path, "--preview", str(out), "--image", f"{img}:raw"]) == 0
-  rgb = np.asarray(Image.open(out))
-  # xy (6x8), xz (4x8), yz (4x6) tiles side by side with 4-pixel gaps, enlarged by the smallest
-  # integer factor that makes the mosaic at least 900 pixels wide (30 -> x30)
-  assert rgb.shape == (6 * 30, (8 + 4 + 8 + 4 + 6) * 30, 3)
+  assert main(["export", "--segmentation", path, "--preview", str(out), "--image", f"{tmp_path}/img.h5:raw",
+               "--resolution", "8,8,30"]) == 0
+  rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)
+  s = 19  # smallest integer zoom making (14 + 4 + 14 + 4 + 12) voxels at least 900 pixels wide
+  assert rgb.shape == (PREVIEW_HEADER_PX + 12 * s + PREVIEW_FOOTER_PX, 48 * s, 3)
+  # panel -> (column of its first pixel, its labels (rows, columns), the raw slice it shows); the
+  # centre slices z = 3 + 4 = 7, y = 5 + 6 = 11, x = 7 + 7 = 14 in volume coordinates
+  box = volume[3:11, 5:17, 7:21]
+  panels = {"xy at z=7": (0, labels[4], box[4]),
+            "xz at y=11": (18 * s, labels[:, 6, :], box[:, 6, :]),
+            "yz at x=14": (36 * s, labels[:, :, 7], box[:, :, 7])}
+  tints = {}
+  for name, (col0, lab, raw) in panels.items():
+    # the centre pixel of every voxel's s x s block
+    r = PREVIEW_HEADER_PX + np.arange(lab.shape[0]) * s + s // 2
+    c = col0 + np.arange(lab.shape[1]) * s + s // 2
+    centres = rgb[r][:, c]
+    grey = centres.mean(axis=-1)
+    empty = lab == 0
+    assert np.all(centres[empty].max(axis=-1) == centres[empty].min(axis=-1)), name  # grey
+    assert np.corrcoef(grey[empty], raw[empty])[0, 1] > 0.99, name  # contrast-stretched raw
+    for ident in np.unique(lab[lab != 0]):
+      m = lab == ident
+      tint = np.stack([centres[m][:, 0] - centres[m][:, 1], centres[m][:, 1] - centres[m][:, 2]], -1)
+      # 60% grey + 40% colour, truncated to uint8: the grey cancels in R-G and G-B up to +-1
+      assert np.ptp(tint, axis=0).max() <= 2, (name, ident)
+      tints.setdefault(int(ident), []).append(np.median(tint, axis=0))
+      assert np.corrcoef(grey[m], raw[m])[0, 1] > 0.95, (name, ident)  # the image shows through
+    header = rgb[:PREVIEW_HEADER_PX, col0:col0 + 17 * s]
+    assert _text_found(header, name), name
+  assert not _text_found(rgb[:PREVIEW_HEADER_PX], "xy at z=4")  # box-relative: wrong
+  assert sorted(tints) == [1, 300, 2**40 + 1]
+  for ident, seen in tints.items():  # the same colour in every panel
+    assert np.ptp(np.array(seen), axis=0).max() <= 1, ident
+  assert len({tuple(np.round(seen[0])) for seen in tints.values()}) == 3  # distinct colours
+  footer = rgb[-PREVIEW_FOOTER_PX:]
+  # scale bar: the xy panel is 14 voxels x 8 nm = 112 nm wide; the largest 1-2-5 length within half
+  # of it is 50 nm = 6.25 voxels = 118.75 -> 119 pixels, a black bar under the xy panel
+  bar_rows = [row for row in _ink(footer) if row[:14 * s].sum() >= 100]
+  assert bar_rows and all(row[:14 * s].sum() == 119 for row in bar_rows), [r[:14 * s].sum() for r in bar_rows]
+  assert _text_found(footer[:, :14 * s], "50 nm")
+  assert _text_found(footer, "voxel 8 x 8 x 30 nm (x, y, z)")
+  assert _text_found(footer, "3 objects")
 
 
 def test_preview_draws_object_boundaries_in_full_colour():

@@ -6,8 +6,11 @@
 
 PNG slices are 16-bit label images (ids modulo 65536; a warning is logged if ids exceed that),
 one per z, named ``seg_00000.png``. The preview shows the three orthogonal centre slices (xy, xz,
-yz) of the image with each object in its own colour (fixed hash of the id) at 50% opacity; when
-the segmentation comes from a ``seg-x_y_z.npz`` result, the image is read at that box.
+yz) of the image with each object in its own colour (fixed hash of the id) at 40% opacity; when
+the segmentation comes from a ``seg-x_y_z.npz`` result, the image is read at that box. A strip
+above names each panel's plane in volume coordinates (``xy at z=75``, i.e. with the box offset),
+and one below holds a scale bar (along x, for the voxel size ``--resolution``, default FIB-25's
+10 nm), the voxel size and the number of objects (distinct non-zero ids) in the whole box.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "png: a directory of 16-bit slices; precomputed: a Neuroglancer "
                            "precomputed folder (layers 'segmentation' and, with --image, 'image')")
   parser.add_argument("--resolution", default="10,10,10",
-                      help="voxel size in nm, x,y,z, for --format precomputed (default: FIB-25's)")
+                      help="voxel size in nm, x,y,z, for --format precomputed and the preview's "
+                           "scale bar (default: FIB-25's)")
   parser.add_argument("--output", default=None, help="destination (see --format)")
   parser.add_argument("--preview", default=None, help="write an orthogonal-slice preview PNG here")
   parser.add_argument("--image", default=None, help="image file.h5:dataset for the preview")
@@ -56,13 +60,22 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
   return edge
 
 
+def preview_zoom(shape_zyx, min_width: int = 900) -> int:
+  """The integer enlargement of the preview mosaic of a z,y,x box: the smallest that makes
+  [xy | 4 | xz | 4 | yz] (nx + 4 + nx + 4 + ny voxels) at least ``min_width`` pixels wide."""
+  _, ny, nx = shape_zyx
+  width = 2 * nx + ny + 8
+  return max(1, -(-min_width // max(width, 1)))
+
+
 def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0.4,
                   min_width: int = 900) -> np.ndarray:
   """RGB uint8 mosaic [xy | xz | yz] of the centre slices of z,y,x arrays.
 
   Objects are tinted in their colour over the grey image, with their boundaries drawn in full
-  colour; the mosaic is enlarged by an integer factor (nearest neighbour) to at least
-  ``min_width`` pixels so that small subvolumes can be seen.
+  colour; the mosaic is enlarged by :func:`preview_zoom` (nearest neighbour) so that small
+  subvolumes can be seen. Panels: xy (rows y, columns x) at z = nz // 2, xz (rows z, columns x)
+  at y = ny // 2, yz (rows z, columns y) at x = nx // 2, separated by 4 white voxel columns.
   """
   center = [s // 2 for s in labels.shape]
   cuts_l = [labels[center[0]], labels[:, center[1], :], labels[:, :, center[2]]]
@@ -72,8 +85,7 @@ def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
     norm = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     cuts_i = [norm[center[0]], norm[:, center[1], :], norm[:, :, center[2]]]
-  width = sum(c.shape[1] for c in cuts_l) + 8
-  scale = max(1, -(-min_width // max(width, 1)))
+  scale = preview_zoom(labels.shape, min_width)
   tiles = []
   for img, lab in zip(cuts_i, cuts_l):
     img = np.kron(img, np.ones((scale, scale), np.float32))
@@ -88,6 +100,59 @@ def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0
   gap = np.full((height, 4 * scale, 3), 255, np.uint8)
   padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
   return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)
+
+
+PREVIEW_HEADER_PX = 28  # white strip above the mosaic with the panels' plane labels
+PREVIEW_FOOTER_PX = 36  # white strip below it: scale bar, voxel size, object count
+PREVIEW_FONT_PX = 16  # Pillow's default font at this size
+SCALE_BAR_PX = 4  # scale bar thickness
+
+
+def scale_bar_nm(width_px: int, nm_per_px: float) -> int:
+  """Length (nm) of the preview's scale bar: the largest 1, 2 or 5 x 10^k nm that spans at most
+  half of ``width_px`` pixels of ``nm_per_px`` nm each (at least 1 nm)."""
+  best, k = 1, 0
+  while True:
+    for m in (1, 2, 5):
+      if m * 10**k / nm_per_px > width_px / 2:
+        return best
+      best = m * 10**k
+    k += 1
+
+
+def annotated_preview(image: np.ndarray | None, labels: np.ndarray, offset_xyz=(0, 0, 0),
+                      resolution_nm_xyz=(10, 10, 10), min_width: int = 900) -> np.ndarray:
+  """:func:`ortho_preview` with a label strip above (``xy at z=..``, ``xz at y=..``, ``yz at x=..``:
+  the slices' positions in volume coordinates, i.e. plus the box offset ``offset_xyz``, x,y,z
+  voxels) and a strip below: a black scale bar under the xy panel (along x; length from
+  :func:`scale_bar_nm` for ``resolution_nm_xyz``, nm per voxel x,y,z), its length in nm, the
+  voxel size and the number of objects (distinct non-zero ids of ``labels``, z,y,x)."""
+  from PIL import Image, ImageDraw, ImageFont
+  mosaic = ortho_preview(image, labels, min_width=min_width)
+  nz, ny, nx = labels.shape
+  scale = preview_zoom(labels.shape, min_width)
+  ox, oy, oz = (int(v) for v in offset_xyz)
+  rx, ry, rz = (float(v) for v in resolution_nm_xyz)
+  height, width = mosaic.shape[:2]
+  canvas = Image.new("RGB", (width, PREVIEW_HEADER_PX + height + PREVIEW_FOOTER_PX), "white")
+  canvas.paste(Image.fromarray(mosaic), (0, PREVIEW_HEADER_PX))
+  draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default(size=PREVIEW_FONT_PX)
+  panel_x = (0, (nx + 4) * scale, (2 * nx + 8) * scale)
+  names = (f"xy at z={oz + nz // 2}", f"xz at y={oy + ny // 2}", f"yz at x={ox + nx // 2}")
+  for x, name in zip(panel_x, names):
+    draw.text((x + 4, 4), name, fill="black", font=font)
+  bar_nm = scale_bar_nm(nx * scale, rx / scale)
+  bar_px = round(bar_nm / rx * scale)
+  top = PREVIEW_HEADER_PX + height
+  draw.rectangle((4, top + 6, 4 + bar_px - 1, top + 6 + SCALE_BAR_PX - 1), fill="black")
+  draw.text((4, top + 6 + SCALE_BAR_PX + 2), f"{bar_nm} nm", fill="black", font=font)
+  objects = int(np.count_nonzero(np.unique(labels)))
+  draw.text((panel_x[1] + 4, top + 8), f"voxel {rx:g} x {ry:g} x {rz:g} nm (x, y, z)", fill="black",
+            font=font)
+  draw.text((panel_x[2] + 4, top + 8), f"{objects} object{'s' if objects != 1 else ''}",
+            fill="black", font=font)
+  return np.asarray(canvas)
 
 
 def _load(spec: str) -> tuple[np.ndarray, BoundingBox | None]:
@@ -161,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     raise FFNError("nothing to do: give --format with --output, and/or --preview")
   if args.format is not None and not args.output:
     raise FFNError(f"--format {args.format} needs --output")
+  from ffn.axes import parse_xyz
+  resolution = parse_xyz(args.resolution, "--resolution")
   labels, box = _load(args.segmentation)
   if args.format == "h5":
     from ffn.io.volumes import write_spec
@@ -173,8 +240,6 @@ def run(args: argparse.Namespace) -> int:
   elif args.format == "png":
     write_png_stack(labels, args.output)
   elif args.format == "precomputed":
-    from ffn.axes import parse_xyz
-    resolution = parse_xyz(args.resolution, "--resolution")
     offset = box.start if box is not None else (0, 0, 0)
     write_precomputed_layer(os.path.join(args.output, "segmentation"), labels, "segmentation",
                             offset, resolution)
@@ -183,8 +248,9 @@ def run(args: argparse.Namespace) -> int:
       with Volume(args.image) as vol:
         image = vol.read_box(box or BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape)))
       write_precomputed_layer(os.path.join(args.output, "image"), image, "image", offset, resolution)
-    print(f"Neuroglancer: run `ffn serve {args.output}` and open the link it prints (layers "
-          "precomputed://http://localhost:8000/image and precomputed://http://localhost:8000/segmentation)")
+    print(f"Neuroglancer: run `ffn serve {args.output}` (add `--client local` without internet) and "
+          "open the link it prints (layers precomputed://http://localhost:8000/image and "
+          "precomputed://http://localhost:8000/segmentation)")
   if args.format:
     _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
   if args.preview:
@@ -196,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
           box = BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape))
         image = vol.read_box(box)
     from PIL import Image
+    figure = annotated_preview(image, labels, box.start if box is not None else (0, 0, 0), resolution)
     with atomic_path(args.preview, suffix=".png") as tmp:
-      Image.fromarray(ortho_preview(image, labels)).save(tmp, format="PNG")
+      Image.fromarray(figure).save(tmp, format="PNG")
     _log.info("wrote preview %s", args.preview)
   return 0
