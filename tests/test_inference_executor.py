@@ -206,7 +206,7 @@ def test_a_failing_subvolume_stops_the_run_and_a_rerun_completes(tmp_path):
   for corner in a:
     np.testing.assert_array_equal(a[corner][0], b[corner][0])
 
-def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_dir, tmp_path):
+def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(sample_fib25, tmp_path):
   """run_inference --subvolume_size with two canvases batched == each box run on its own."""
   import subprocess
   import sys
@@ -216,8 +216,8 @@ def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_
   from ffn.inference.runner import Runner
   from test_inference_model import request_text
   req = tmp_path / "req.pbtxt"
-  req.write_text(request_text(fib25_dir, tmp_path / "batched"))
-  box = "start { x: 75 y: 75 z: 75 } size { x: 64 y: 40 z: 40 }"
+  req.write_text(request_text(sample_fib25, tmp_path / "batched"))
+  box = "start { x: 25 y: 25 z: 25 } size { x: 64 y: 40 z: 40 }"
   proc = subprocess.run([sys.executable, "run_inference.py", f"--inference_request={req}",
                          f"--bounding_box={box}", "--subvolume_size=40,40,40", "--overlap=16,0,0",
                          "--concurrent_requests=2", "--batch_size=2"],
@@ -225,10 +225,10 @@ def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "mean batch" in proc.stderr
   batched = _load_all(str(tmp_path / "batched"))
-  assert sorted(batched) == [(75, 75, 75), (75, 75, 99)]  # z,y,x corners: x = 75 and 99
+  assert sorted(batched) == [(25, 25, 25), (25, 25, 49)]  # z,y,x corners: x = 25 and 49
 
-  runner = Runner(parse_request(request_text(fib25_dir, tmp_path / "sequential")))
-  for sub in split_box(BoundingBox((75, 75, 75), (64, 40, 40)), (40, 40, 40), (16, 0, 0)):
+  runner = Runner(parse_request(request_text(sample_fib25, tmp_path / "sequential")))
+  for sub in split_box(BoundingBox((25, 25, 25), (64, 40, 40)), (40, 40, 40), (16, 0, 0)):
     runner.run(sub)
   sequential = _load_all(str(tmp_path / "sequential"))
   for corner, (seg, origins) in sequential.items():
@@ -238,7 +238,7 @@ def test_cli_batched_subvolumes_with_the_real_model_match_sequential_runs(fib25_
 
 
 @pytest.mark.slow
-def test_cli_sigterm_with_concurrent_subvolumes_then_resume(fib25_dir, tmp_path):
+def test_cli_sigterm_with_concurrent_subvolumes_then_resume(sample_fib25, tmp_path):
   """SIGTERM to a run of two concurrent subvolumes: both checkpoint, exit 143; the rerun matches."""
   import glob
   import signal
@@ -248,13 +248,13 @@ def test_cli_sigterm_with_concurrent_subvolumes_then_resume(fib25_dir, tmp_path)
 
   from conftest import REPO_ROOT
   from test_inference_model import request_text
-  box = "start { x: 75 y: 75 z: 75 } size { x: 100 y: 56 z: 56 }"
+  box = "start { x: 25 y: 25 z: 25 } size { x: 100 y: 56 z: 56 }"
   flags = ["--subvolume_size=56,56,56", "--overlap=12,0,0", "--concurrent_requests=2",
            "--batch_size=2"]
 
   def cli(name: str, interval: int) -> subprocess.Popen:
     req = tmp_path / f"{name}.pbtxt"
-    req.write_text(request_text(fib25_dir, tmp_path / name, interval=interval))
+    req.write_text(request_text(sample_fib25, tmp_path / name, interval=interval))
     return subprocess.Popen([sys.executable, "run_inference.py", f"--inference_request={req}",
                              f"--bounding_box={box}", *flags], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
