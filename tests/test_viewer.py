@@ -61,7 +61,8 @@ def chromium_binary() -> str:
   """Path of Chromium (``$FFN_CHROMIUM`` or ``chromium`` on PATH); :func:`missing` when absent."""
   path = os.environ.get("FFN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
   if not path:
-    missing("needs Chromium for the real-viewer test (apt-get install chromium; run_tests.sh does it as root)")
+    missing("needs Chromium for the real-viewer test "
+            "(apt-get install chromium; run_tests.sh does it as root)")
   return path
 
 

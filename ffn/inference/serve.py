@@ -80,7 +80,8 @@ def start_local_client(state: dict, bind: str, port: int) -> str:
   try:
     import neuroglancer
   except ImportError:
-    raise FFNError("--client local needs the neuroglancer Python package (pip install neuroglancer)") from None
+    raise FFNError("--client local needs the neuroglancer Python package "
+                   "(pip install neuroglancer)") from None
   neuroglancer.set_server_bind_address(bind, port)
   try:
     viewer = neuroglancer.Viewer()  # starts the server
