@@ -1,4 +1,4 @@
-"""Training on a real crop of FIB-25 training_sample2 with a tiny FFN: learning, checkpoints, resume."""
+"""Training on a 64^3 piece of the shipped FIB-25 crop with a tiny FFN: learning, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ TINY_ARGS = {"depth": 2, "fov_size": [9, 9, 9], "deltas": [2, 2, 2]}
 
 
 @pytest.fixture(scope="module")
-def crop_data(fib25_dir, tmp_path_factory):
-  """A 64^3 crop of training_sample2 (raw + body labels) and 200 google-format coordinates."""
+def crop_data(sample_fib25, tmp_path_factory):
+  """64^3 voxels of the shipped crop (raw + body labels; x,y,z 50..113 of training_sample2) and 200
+  google-format coordinates."""
   root = tmp_path_factory.mktemp("fib25crop")
-  with h5py.File(fib25_dir / "training_sample2.h5", "r") as f:
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
     raw, stack = f["raw"][:64, :64, :64], f["stack"][:64, :64, :64]
   with h5py.File(root / "crop.h5", "w") as f:
     f["raw"], f["stack"] = raw, stack
