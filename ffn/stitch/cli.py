@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--subvolume_size", default=None,
                       help="check that the chunks are split_box(region, this, --overlap) (x,y,z)")
   parser.add_argument("--overlap", default=None, help="overlap x,y,z for --subvolume_size")
+  parser.add_argument("--bounding_box", default=None,
+                      help="the region that was split, 'start { x: y: z: } size { x: y: z: }' "
+                           "(with --subvolume_size; default: the region the chunks cover)")
   parser.add_argument("--split_cc", action="store_true",
                       help="split every chunk's objects into 6-connected pieces first (google's "
                            "load_segmentation option)")
@@ -118,8 +121,12 @@ def run(args: argparse.Namespace) -> int:
   overlap = parse_xyz(args.overlap, "--overlap") if args.overlap else None
   if args.min_size < 0:
     raise FFNError(f"--min_size must be >= 0, got {args.min_size}")
+  box = None
+  if args.bounding_box is not None:
+    from ffn.inference.request import parse_bounding_box
+    box = parse_bounding_box(args.bounding_box)
   plan = make_plan(args.segmentation_dir, output, args.work_dir, params, args.split_cc,
-                   args.min_size, request, size, overlap)
+                   args.min_size, request, size, overlap, box)
   _log.info("stitching %d chunks (%s x,y,z grid) of %s into %s; work directory %s",
             plan.tiling.num_chunks, "x".join(map(str, plan.tiling.grid_shape[::-1])),
             plan.source.directory, output, plan.work_dir)

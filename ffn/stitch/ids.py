@@ -66,4 +66,5 @@ def relabel(labels: np.ndarray, local_ids: np.ndarray, global_of_local: np.ndarr
   """
   table = {int(k): int(v) for k, v in zip(local_ids.tolist(), global_of_local.tolist())}
   table[0] = 0
-  return fastremap.remap(labels.astype(np.uint64, copy=False), table, preserve_missing_labels=False)
+  return fastremap.remap(labels.astype(np.uint64), table, preserve_missing_labels=False,
+                        in_place=True)

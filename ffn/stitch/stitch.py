@@ -7,7 +7,8 @@ Work directory (``--work_dir``, default ``<output path>.stitch``)::
                                      status files, logs) of the three array phases
   chunks/<x>_<y>_<z>.npz             per chunk: its sorted ids, the labels of the box it owns and
                                      of every overlap it shares with another chunk
-  pairs/<x>_<y>_<z>-<x>_<y>_<z>.npz  per overlapping pair: the accepted merges and counters
+  pairs/<x>_<y>_<z>.npz              per chunk: the accepted merges with every later chunk it
+                                     overlaps, and counters
   global/<x>_<y>_<z>.npy             per chunk: the global id of each of its sorted ids
   blocks/<x>_<y>_<z>.json            per output block, once written: counters
   idmap.npz                          (chunk, local id) -> global id of every object
@@ -21,8 +22,9 @@ Phases (each skips what is already done, so a re-run of the same command resumes
 2. **extract** (array over chunks): a task loads a chunk once (through
    :mod:`ffn.inference.storage`, optionally the split consensus of two runs) and keeps only its ids,
    its owned box and its overlaps.
-3. **match** (array over overlapping pairs): a task reads the two copies of one overlap and applies
-   the merge rule (:mod:`ffn.stitch.match`).
+3. **match** (array over chunks; each item is the overlaps of one chunk with the later chunks it
+   shares voxels with): a task reads the two copies of each overlap and applies the merge rule
+   (:mod:`ffn.stitch.match`).
 4. **resolve** (this process, ids only): union-find and global ids (:mod:`ffn.stitch.ids`).
 5. **write** (array over output blocks aligned to the output's storage chunks or shards): a task
    assembles one block from the owned boxes of the chunks that own it, relabelled, and writes it.
@@ -55,7 +57,7 @@ from ffn.errors import FFNError
 from ffn.inference import storage
 from ffn.io.atomic import atomic_path, write_text_atomic
 from ffn.io.tensorstore_volumes import (LabelsLayout, LabelsSpec, LabelsWriter, copy_to_h5,
-                                        create_labels, labels_exist)
+                                        create_labels, labels_exist, sharding_for)
 from ffn.stitch import ids as idlib
 from ffn.stitch.match import match_overlap
 from ffn.stitch.tiling import Box, Tiling, check_expected, infer_tiling, intersect, local_slices
@@ -251,13 +253,17 @@ def make_plan(segmentation_dir: str | None, output: LabelsSpec, work_dir: str | 
               params: Params, split_cc: bool = False, min_size: int = 0,
               consensus_request: bytes | None = None,
               subvolume_size_xyz: Sequence[int] | None = None,
-              overlap_xyz: Sequence[int] | None = None) -> Plan:
+              overlap_xyz: Sequence[int] | None = None,
+              bounding_box: BoundingBox | None = None) -> Plan:
   """Checks everything a stitch needs; writes nothing (every problem is one FFNError).
 
   ``segmentation_dir``: the chunk results (google's layout), a batch run's results directory
   (its ``batch/manifest.json`` then says which chunks there must be) or that manifest itself (the
   results of its last request are stitched). ``consensus_request``: instead of a directory, the
-  split consensus of a ConsensusRequest's two sources per chunk.
+  split consensus of a ConsensusRequest's two sources per chunk. ``subvolume_size_xyz``,
+  ``overlap_xyz`` and ``bounding_box`` (default: the region the chunks cover): the chunks must be
+  exactly ``split_box(bounding_box, subvolume_size_xyz, overlap_xyz)`` (without them, or a batch
+  manifest, a chunk missing at the region's edge cannot be told from a smaller region).
   """
   params.check(output)
   if labels_exist(output):
@@ -294,18 +300,26 @@ def make_plan(segmentation_dir: str | None, output: LabelsSpec, work_dir: str | 
       raise FFNError(f"{f}: segmentation is not 3D (shape {list(shape)})")
   tiling = infer_tiling(boxes, files)  # type: ignore[arg-type]
   if expected is None and subvolume_size_xyz is not None:
-    region = BoundingBox(zyx_to_xyz(tiling.region_corner), zyx_to_xyz(tiling.region_shape))
+    region = bounding_box or BoundingBox(zyx_to_xyz(tiling.region_corner),
+                                         zyx_to_xyz(tiling.region_shape))
     boxes_xyz = split_box(region, subvolume_size_xyz, overlap_xyz or (0, 0, 0))
     expected = [(tuple(int(v) for v in b.start[::-1]), tuple(int(v) for v in b.size[::-1]))
                 for b in boxes_xyz]
     where = (f"--subvolume_size {','.join(map(str, subvolume_size_xyz))} --overlap "
-             f"{','.join(map(str, overlap_xyz or (0, 0, 0)))}")
+             f"{','.join(map(str, overlap_xyz or (0, 0, 0)))}"
+             + (f" of --bounding_box {bounding_box}" if bounding_box is not None else ""))
+  elif expected is None and bounding_box is not None:
+    raise FFNError("--bounding_box needs --subvolume_size (and --overlap): the tiling to check")
   if expected is not None:
     check_expected(tiling, expected, where)  # type: ignore[arg-type]
   by_corner = dict(zip(corners, files))
   chunk_files = [by_corner[c] for c in tiling.chunk_corners]
   work = Path(work_dir) if work_dir else Path(os.path.abspath(output.path) + ".stitch")
   plan = Plan(source, output, work.absolute(), tiling, params, chunk_files)
+  layout = plan.layout()
+  if layout.shard_chunks_zyx is not None:
+    sharding_for([-(-n // c) for n, c in zip(layout.shape_zyx, layout.chunk_zyx)],
+                 layout.shard_chunks_zyx)
   plan_path = plan.work_dir / PLAN
   if plan_path.exists():
     try:
@@ -339,8 +353,14 @@ class _PhaseWorker(Worker):
     return Path(self.work_dir) / "chunks" / f"{_name(self.tiling.chunk_box(index)[0])}.npz"
 
   def start_memory(self) -> None:
-    """Records the resident memory before the first item of this task (the idle baseline)."""
+    """Before the first item of this task: resets the process's peak (``VmHWM``, Linux
+    ``clear_refs``) so that it excludes start-up, and records the idle baseline (``VmRSS``)."""
     if getattr(self, "_baseline_kib", None) is None:
+      try:
+        with open("/proc/self/clear_refs", "w") as f:
+          f.write("5")
+      except OSError:
+        pass  # the peak then includes start-up: an upper bound
       self._baseline_kib = memory_kib()["VmRSS"]
 
   def _memory_fields(self) -> dict[str, int]:
@@ -393,41 +413,48 @@ class ExtractWorker(_PhaseWorker):
     _save_npz(self.chunk_file(index), **arrays)
 
 
-def pair_name(tiling: Tiling, i: int, j: int) -> str:
-  return f"{_name(tiling.chunk_box(i)[0])}-{_name(tiling.chunk_box(j)[0])}"
+def forward_pairs(tiling: Tiling) -> dict[int, list[int]]:
+  """Chunk i -> the chunks j > i whose boxes share voxels with it (chunks with none left out)."""
+  out: dict[int, list[int]] = {}
+  for i, j in tiling.pairs():
+    out.setdefault(i, []).append(j)
+  return out
 
 
 class MatchWorker(_PhaseWorker):
-  """Phase 3: per overlapping pair (i, j), ``pairs/<name i>-<name j>.npz`` with the accepted
-  merges (``ids_i``, ``ids_j``, ``counts``, ``scores``) and ``counters`` (JSON)."""
+  """Phase 3: per chunk i, the overlaps with every later chunk j it shares voxels with, in
+  ``pairs/<name i>.npz``: the accepted merges (``ids_i_<j>``, ``ids_j_<j>``, ``counts_<j>``,
+  ``scores_<j>``), ``counters`` (JSON: j -> counters of that overlap) and ``memory`` (JSON). One
+  item per chunk rather than per pair keeps the number of small files (and fsyncs) low."""
 
   def __init__(self, work_dir: Path, tiling: Tiling, min_agreement: float, min_overlap: int):
     super().__init__(work_dir, tiling)
     self.min_agreement = min_agreement
     self.min_overlap = min_overlap
 
-  def pair_file(self, i: int, j: int) -> Path:
-    return Path(self.work_dir) / "pairs" / f"{pair_name(self.tiling, i, j)}.npz"
-
-  @staticmethod
-  def pair_of(item: WorkItem) -> tuple[int, int]:
-    i, j = item.id.split(":")[0].split("-")
-    return int(i), int(j)
+  def pair_file(self, i: int) -> Path:
+    return Path(self.work_dir) / "pairs" / f"{_name(self.tiling.chunk_box(i)[0])}.npz"
 
   def is_done(self, item: WorkItem) -> bool:
-    return self.pair_file(*self.pair_of(item)).exists()
+    return self.pair_file(int(item.id.split(":")[0])).exists()
 
   def process(self, item: WorkItem) -> None:
     self.start_memory()
-    i, j = self.pair_of(item)
-    with np.load(self.chunk_file(i)) as data:
-      a = data[f"ov_{j}"]
-    with np.load(self.chunk_file(j)) as data:
-      b = data[f"ov_{i}"]
-    matches = match_overlap(a, b, self.min_agreement, self.min_overlap)
-    counters = {**matches.counters, **self._memory_fields()}
-    _save_npz(self.pair_file(i, j), ids_i=matches.ids_a, ids_j=matches.ids_b,
-              counts=matches.counts, scores=matches.scores, counters=np.array(json.dumps(counters)))
+    i = int(item.id.split(":")[0])
+    arrays: dict[str, np.ndarray] = {}
+    counters: dict[str, dict] = {}
+    with np.load(self.chunk_file(i)) as mine:
+      for j in forward_pairs(self.tiling)[i]:
+        a = mine[f"ov_{j}"]
+        with np.load(self.chunk_file(j)) as theirs:
+          b = theirs[f"ov_{i}"]
+        matches = match_overlap(a, b, self.min_agreement, self.min_overlap)
+        del a, b
+        arrays.update({f"ids_i_{j}": matches.ids_a, f"ids_j_{j}": matches.ids_b,
+                       f"counts_{j}": matches.counts, f"scores_{j}": matches.scores})
+        counters[str(j)] = matches.counters
+    _save_npz(self.pair_file(i), counters=np.array(json.dumps(counters)),
+              memory=np.array(json.dumps(self._memory_fields())), **arrays)
 
 
 class WriteWorker(_PhaseWorker):
@@ -481,13 +508,15 @@ def resolve(plan: Plan) -> dict[str, Any]:
   offsets = idlib.node_offsets(ids_per_chunk)
   edges_a, edges_b = [], []
   totals: dict[str, int] = {}
-  for i, j in tiling.pairs():
-    with np.load(work / "pairs" / f"{pair_name(tiling, i, j)}.npz") as data:
-      edges_a.append(idlib.node_index(ids_per_chunk[i], offsets[i], data["ids_i"]))
-      edges_b.append(idlib.node_index(ids_per_chunk[j], offsets[j], data["ids_j"]))
+  for i, partners in forward_pairs(tiling).items():
+    with np.load(work / "pairs" / f"{plan.names[i]}.npz") as data:
       counters = json.loads(str(data["counters"]))
-    for key in ("pairs", "below_min_overlap", "below_min_agreement", "not_one_to_one", "merged"):
-      totals[key] = totals.get(key, 0) + counters[key]
+      for j in partners:
+        edges_a.append(idlib.node_index(ids_per_chunk[i], offsets[i], data[f"ids_i_{j}"]))
+        edges_b.append(idlib.node_index(ids_per_chunk[j], offsets[j], data[f"ids_j_{j}"]))
+        for key in ("pairs", "below_min_overlap", "below_min_agreement", "not_one_to_one",
+                    "merged"):
+          totals[key] = totals.get(key, 0) + counters[str(j)][key]
   num_nodes = int(offsets[-1])
   a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
   b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
@@ -563,13 +592,13 @@ def chunk_items(plan: Plan) -> list[WorkItem]:
           for i in range(plan.tiling.num_chunks)]
 
 
-def pair_items(plan: Plan) -> list[WorkItem]:
+def match_items(plan: Plan) -> list[WorkItem]:
+  """One item per chunk with later overlapping chunks; cost: the voxels of its overlaps, twice."""
   items = []
-  for i, j in plan.tiling.pairs():
-    shared = intersect(plan.tiling.chunk_box(i), plan.tiling.chunk_box(j))
-    assert shared is not None
-    items.append(WorkItem(f"{i}-{j}:{pair_name(plan.tiling, i, j)}", _bbox(shared), _bbox(shared),
-                          2 * _voxels(shared)))
+  for i, partners in forward_pairs(plan.tiling).items():
+    box = plan.tiling.chunk_box(i)
+    cost = sum(2 * _voxels(intersect(box, plan.tiling.chunk_box(j))) for j in partners)  # type: ignore[arg-type]
+    items.append(WorkItem(f"{i}:{plan.names[i]}", _bbox(box), _bbox(box), cost))
   return items
 
 
@@ -592,9 +621,9 @@ def stitch(plan: Plan, jobs: JobControl) -> dict[str, Any]:
   _run_phase("extract", plan, ExtractWorker(work, plan.tiling, plan.source), chunks, jobs)
   times["extract_s"] = time.monotonic() - t0
   t0 = time.monotonic()
-  pairs = pair_items(plan)
+  matches = match_items(plan)
   _run_phase("match", plan, MatchWorker(work, plan.tiling, plan.params.min_agreement,
-                                        plan.params.min_overlap), pairs, jobs)
+                                        plan.params.min_overlap), matches, jobs)
   times["match_s"] = time.monotonic() - t0
   t0 = time.monotonic()
   resolved = resolve(plan)
@@ -610,15 +639,15 @@ def stitch(plan: Plan, jobs: JobControl) -> dict[str, Any]:
   memory = {
       "extract": _memory_of([work / "chunks" / f"{n}.npz" for n in plan.names],
                             lambda p: _npz_json(p, "memory")),
-      "match": _memory_of([work / "pairs" / f"{pair_name(plan.tiling, i, j)}.npz"
-                           for i, j in plan.tiling.pairs()], lambda p: _npz_json(p, "counters")),
+      "match": _memory_of([work / "pairs" / f"{plan.names[int(it.id.split(':')[0])]}.npz"
+                           for it in matches], lambda p: _npz_json(p, "memory")),
       "write": _memory_of([work / "blocks" / f"{it.id}.json" for it in blocks],
                           lambda p: json.loads(p.read_text()))}
   summary = {"output": str(plan.output), "id_map": str(work / "idmap.npz"),
              "region_xyz": {"start": list(zyx_to_xyz(plan.tiling.region_corner)),
                             "size": list(zyx_to_xyz(plan.tiling.region_shape))},
              "grid_xyz": list(plan.tiling.grid_shape[::-1]), "chunks": plan.tiling.num_chunks,
-             "overlapping_pairs": len(pairs), "output_blocks": len(blocks),
+             "overlapping_pairs": len(plan.tiling.pairs()), "output_blocks": len(blocks),
              **{k: v for k, v in resolved.items() if k != "per_chunk"},
              "parameters": {k: v for k, v in plan.manifest().items()
                             if k not in ("chunks_xyz", "stage")},
