@@ -35,6 +35,7 @@ from ffn.io.tensorstore_volumes import (LabelsLayout, LabelsSpec, LabelsWriter, 
 from ffn.stitch import ids as idlib
 from ffn.stitch.match import contingency, match_overlap
 from ffn.stitch.tiling import check_expected, infer_tiling, owners_of, write_blocks
+from slurm_cluster import require_fit, slurm_job_name  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 OFFSET_XYZ = (50, 50, 50)  # the crop's place in training_sample2, so chunk names are not at 0
@@ -652,14 +653,14 @@ def test_resume_rewrites_a_half_written_block(small, tmp_path):
 
 @pytest.mark.slurm
 def test_stitch_phases_as_real_slurm_job_arrays(small, tmp_path, slurm_job_name):
-  from slurm_cluster import require_fit
   from slurm.executor import SlurmOptions
   require_fit(SlurmOptions(cluster="slurm", cpus_per_task=1, time_min=10))
   directory, _, _, ref = small
   out = tmp_path / "slurm.h5"
   code = main(["stitch", "--cluster", "slurm", "--slurm_job_name", slurm_job_name,
                "--slurm_time_min", "10", "--num_tasks", "3", "--segmentation_dir",
-               str(directory / "seg"), "--output", f"{out}:seg", "--min_overlap", "1"])
+               str(directory / "seg"), "--output", f"{out}:seg", "--min_overlap", "1",
+               "--block_size", "64,64,64"])
   assert code == 0
   with h5py.File(out, "r") as f:
     np.testing.assert_array_equal(f["seg"][...], ref)
