@@ -9,8 +9,8 @@
    ``ffn serve``), and write a PNG preview of orthogonal slices with the segmentation overlaid on
    the image (``ffn export``).
 
-Every step resumes: finished outputs are kept, an interrupted inference continues from its
-checkpoint. All paths printed at the end.
+Every step resumes: finished outputs are kept (a finished segmentation submits no job), an
+interrupted inference continues from its checkpoint. All paths printed at the end.
 """
 
 from __future__ import annotations
@@ -57,6 +57,16 @@ def write_demo_request(output_dir: Path) -> Path:
   return path
 
 
+def normalisation_note(request_path: Path, sample_mean: float, sample_stddev: float) -> str:
+  """Why the segmentation does not use the statistics step 1 printed."""
+  from ffn.inference.request import load_request
+  request = load_request(str(request_path))
+  return (f"  normalisation: --image_mean {request.image_mean:g} --image_stddev "
+          f"{request.image_stddev:g}, the values Google's model was trained with (a model must be fed "
+          f"what it was trained on); this sample's own {sample_mean:.0f}/{sample_stddev:.0f} from "
+          f"step 1 are the flags for training a new model on it")
+
+
 def run_inference_job(request_path: str, bounding_box: str, compute_dtype: str) -> int:
   """The cluster job: ``ffn run_inference`` (runs in the job's own process)."""
   status = _cli(["run_inference", "--inference_request", request_path,
@@ -81,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from ffn.data.prepare import REPO_SAMPLE, prepare
   from ffn.inference.request import parse_bounding_box
-  from ffn.inference.storage import segmentation_path
+  from ffn.inference.storage import existing_segmentation_path, segmentation_path
   from slurm.executor import SlurmOptions, make_executor, submit_array, wait_all
 
   out = Path(args.output_dir).absolute()
@@ -95,11 +105,19 @@ def run(args: argparse.Namespace) -> int:
   print("[2/4] segmenting with Google's pretrained FIB-25 model ...", flush=True)
   box = parse_bounding_box(args.bounding_box)
   request_path = write_demo_request(out)
-  executor = make_executor(SlurmOptions.from_args(args), out / "jobs")
-  jobs = submit_array(executor, run_inference_job,
-                      [(str(request_path), args.bounding_box, args.compute_dtype)])
-  wait_all(jobs)
-  seg_file = segmentation_path(str(out / "segmentation"), tuple(reversed(box.start.tolist())))
+  print(normalisation_note(request_path, prepared.image_mean, prepared.image_stddev), flush=True)
+  corner_zyx = tuple(reversed(box.start.tolist()))
+  seg_file = existing_segmentation_path(str(out / "segmentation"), corner_zyx)
+  if seg_file is not None:
+    print(f"  {seg_file} exists: not submitting a job (delete it to segment again)", flush=True)
+    log_root = out / "jobs" / "logs"
+  else:
+    executor = make_executor(SlurmOptions.from_args(args), out / "jobs")
+    jobs = submit_array(executor, run_inference_job,
+                        [(str(request_path), args.bounding_box, args.compute_dtype)])
+    wait_all(jobs)
+    log_root = executor.log_root
+    seg_file = segmentation_path(str(out / "segmentation"), corner_zyx)
 
   print("[3/4] scoring against the ground truth ...", flush=True)
   scores_path = out / "scores.json"
@@ -127,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                      ("coordinates", prepared.coordinates), ("request", request_path),
                      ("segmentation", seg_file), ("as HDF5", seg_h5), ("scores", scores_path),
                      ("preview", preview), ("neuroglancer", viewer),
-                     ("job logs", executor.log_root)]:
+                     ("job logs", log_root)]:
     print(f"  {name:13s} {path}")
+  print(f"\nview it in Neuroglancer: ffn serve {viewer}  (then open the link it prints)")
   return 0

@@ -7,7 +7,9 @@ By default the ETA assumes the remaining items cost what the finished ones did. 
 true (e.g. inference seeds: most late seeds are skipped at once), pass ``estimate``: a callable
 returning (ETA in seconds or None, detail text); it replaces the ETA (None keeps the count-based
 one) and its text is added to the report. It is called at most every ``refresh_every_s`` seconds
-on a terminal, and before each log line otherwise.
+on a terminal, and before each log line otherwise. :meth:`Progress.tick` reports without counting,
+so that an item that takes minutes (one large object) still shows progress through the estimate's
+text.
 """
 
 from __future__ import annotations
@@ -82,6 +84,20 @@ class Progress:
         self.refresh_estimate()
       self._bar.update(n)
       return
+    self._maybe_log(now)
+
+  def tick(self) -> None:
+    """Reports without counting: for long items, so that progress inside one still shows (the
+    estimate's detail text at most every ``refresh_every_s`` on a terminal, a log line every
+    ``log_every_s`` otherwise)."""
+    now = time.monotonic()
+    if self._bar is None:
+      self._maybe_log(now)
+    elif self._estimate is not None and now - self._last_refresh >= self._refresh_every_s:
+      self.refresh_estimate()
+      self._bar.refresh()
+
+  def _maybe_log(self, now: float) -> None:
     if now - self._last_log >= self._log_every_s:
       self._last_log = now
       self.refresh_estimate()

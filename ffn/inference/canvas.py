@@ -25,8 +25,10 @@ Request options handled here besides the thresholds:
   wherever the restrictor mask is, i.e. for seeds and for every FoV move.
 
 Progress (over candidate seeds) also reports the objects made, the fraction of voxels segmented,
-and the *live* seeds -- remaining candidates on unsegmented, unmasked voxels -- and bases its ETA
-on how fast that number drains (:class:`_SeedProgress`).
+the *live* seeds -- remaining candidates on unsegmented, unmasked voxels -- and bases its ETA on
+how fast that number drains (:class:`_SeedProgress`). It also reports while one object grows
+(which can take minutes): FOV moves so far and their rate, and the object's seed, moves and
+voxels above the segment threshold.
 
 Differences from google/ffn HEAD, on purpose:
 
@@ -133,6 +135,7 @@ class Canvas:
     self.seed_policy: BaseSeedPolicy | None = None
     self._seed_policy_state = None
     self._in_flight = False
+    self._progress: _SeedProgress | None = None  # set while segment_all runs
     self.movement_policy = FaceMaxMovementPolicy(
         self, deltas_zyx, self.move_threshold if move_score_threshold is None
         else np.float32(move_score_threshold))
@@ -236,6 +239,8 @@ class Canvas:
         num_iters += 1
         with timer_counter(self.counters, "movement_policy"):
           self.movement_policy.update(logits, pos)
+        if self._progress is not None:
+          self._progress.step(start_pos, num_iters)
         self.maybe_save_checkpoint(partial_segment_iters=num_iters)
     return num_iters
 
@@ -298,7 +303,7 @@ class Canvas:
         with timer_counter(self.counters, "seed-policy"):
           pos = next(self.seed_policy, None)
         if progress is None and self.seed_policy.coords is not None:
-          progress = _SeedProgress(self, self.seed_policy, resumed_at)
+          progress = self._progress = _SeedProgress(self, self.seed_policy, resumed_at)
         if progress is not None:
           progress.update()
         if pos is None:
@@ -324,6 +329,7 @@ class Canvas:
         self.maybe_save_checkpoint(partial_segment_iters=0)
     if progress is not None:
       progress.close()
+    self._progress = None
     _log.info("segmentation done: %d objects", len(self.origins))
 
   def _finish_object(self, pos: tuple, num_iters: int, t_seg: float) -> None:
@@ -428,6 +434,10 @@ class _SeedProgress:
   time per live seed tried, scaled by the fraction of live seeds that were tried rather than
   covered so far. Cost: one gather over the remaining candidates (not the volume) per report, at
   most every ``Progress`` refresh and never more often than 100x its own duration.
+
+  Inside an object, :meth:`step` (after every FOV move) lets ``Progress`` report too; the report
+  then names the object's seed, its moves and its voxels at or above the segment threshold so
+  far (before overlaps with earlier objects are removed; one count over the region it touched).
   """
 
   def __init__(self, canvas: Canvas, policy: BaseSeedPolicy, resumed_at: int = 0):
@@ -444,6 +454,9 @@ class _SeedProgress:
         else np.zeros(0, np.int64)
     self._voxels = int(np.prod(canvas.shape))
     self._next_at, self._cached = 0.0, 0
+    self.moves = 0  # FOV moves (network positions) in this run
+    self.object_seed: tuple | None = None  # seed (z,y,x) of the object growing now
+    self.object_moves = 0
     self.live_start = self.live()
     self.start = time.monotonic()
     corner = ",".join(str(v) for v in reversed(canvas.corner_zyx))
@@ -465,10 +478,27 @@ class _SeedProgress:
     live, drained = self._cached, self.live_start - self._cached
     eta = live * (now - self.start) / drained if drained > 0 else None
     done = 100.0 * self.canvas.segmented_voxels / max(self._voxels, 1)
-    return eta, f"{len(self.canvas.origins)} objects, {done:.1f}% voxels segmented, {live} live seeds"
+    rate = self.moves / max(now - self.start, 1e-9)
+    detail = (f"{len(self.canvas.origins)} objects, {done:.1f}% voxels segmented, {live} live seeds, "
+              f"{self.moves} FOV moves ({rate:.1f}/s)")
+    if self.object_seed is not None:
+      canvas = self.canvas
+      voxels = int(np.count_nonzero(canvas.seed[canvas._touched()] >= canvas.segment_threshold))
+      seed = ",".join(str(int(v)) for v in self.object_seed)
+      detail += (f"; growing object from seed z,y,x {seed}: {self.object_moves} FOV moves, "
+                 f"{voxels} voxels so far")
+    return eta, detail
 
   def update(self) -> None:
+    """After the policy yielded a seed: counts the seeds consumed (no object is growing)."""
+    self.object_seed = None
     self.progress.update(self.policy.idx - self.progress.count)
+
+  def step(self, seed_zyx: tuple, object_moves: int) -> None:
+    """After a FOV move of the object grown from ``seed_zyx`` (its ``object_moves``-th)."""
+    self.moves += 1
+    self.object_seed, self.object_moves = seed_zyx, object_moves
+    self.progress.tick()
 
   def close(self) -> None:
     self._next_at = 0.0  # the final report counts afresh
