@@ -127,3 +127,22 @@ def test_rerun_of_finished_demo_submits_nothing(demo):
   assert _job_dirs(out) == jobs
   assert seg.stat().st_mtime_ns == before
   assert re.search(r"adapted_rand_error\s+0\.198\s+0\.198", printed)
+
+
+def test_readme_example_paths_exist(demo):
+  """Every path the README's examples name exists: in the repository, or after the demo (its
+  ``demo_output/`` paths, here the fixture's output folder); scoring and export examples read a
+  segmentation the demo wrote."""
+  out, _ = demo
+  readme = (REPO / "README.md").read_text()
+  demo_paths = re.findall(r"(?<![\w/])demo_output/([\w./-]*\w)", readme)
+  assert "segmentation/25/25/seg-25_25_25.npz" in demo_paths
+  for rel in demo_paths:
+    assert (out / rel).exists(), f"demo_output/{rel}"
+  repo_paths = re.findall(r"(?<![\w/])((?:sample_data|configs)/[\w./-]*\w)", readme)
+  assert "configs/inference_training_sample2.pbtxt" in repo_paths
+  for rel in repo_paths:
+    assert (REPO / rel).exists(), rel
+  segmentations = re.findall(r"`ffn (?:evaluate|export) --segmentation (\S+)", readme)
+  assert len(segmentations) >= 3
+  assert all(path.startswith("demo_output/") for path in segmentations), segmentations
