@@ -48,10 +48,9 @@ class _Conv(tf.Module):
     self.biases = tf.Variable(np.zeros((n_out,), np.float32), name=f"{SCOPE}/{name}/biases")
 
   def __call__(self, x: tf.Tensor) -> tf.Tensor:
-    w = tf.cast(self.weights, x.dtype)
-    b = tf.cast(self.biases, x.dtype)
-    y = tf.nn.conv3d(x, w, strides=[1, 1, 1, 1, 1], padding="SAME")
-    return tf.nn.bias_add(y, b)
+    """float32 convolution plus bias of x [b, z, y, x, in] float32 -> [b, z, y, x, out]."""
+    y = tf.nn.conv3d(x, self.weights, strides=[1, 1, 1, 1, 1], padding="SAME")
+    return tf.nn.bias_add(y, self.biases)
 
 
 class ConvStack3DFFNModel(tf.Module):
@@ -88,6 +87,8 @@ class ConvStack3DFFNModel(tf.Module):
       convs[f"conv{i}_b"] = _Conv(f"conv{i}_b", k, features, features, rng)
     convs["conv_lom"] = _Conv("conv_lom", (1, 1, 1), features, 1, rng)
     self.convs = convs
+    # Convolutions kept in float32 whatever the compute_dtype (see __call__).
+    self.float32_convs: tuple[str, ...] = ("conv0_a", "conv_lom")
 
   @property
   def input_shape_zyx(self) -> tuple[int, int, int]:
@@ -107,26 +108,38 @@ class ConvStack3DFFNModel(tf.Module):
     """Key of TF1 variable ``name`` in a TF2 checkpoint that tracks this module as ``root``."""
     return f"{root}/convs/{name[len(SCOPE) + 1:]}/.ATTRIBUTES/VARIABLE_VALUE"
 
+  def conv_dtype(self, name: str, compute_dtype: tf.DType) -> tf.DType:
+    """The dtype convolution ``name`` multiplies in when the model runs in ``compute_dtype``."""
+    return tf.float32 if name in self.float32_convs else compute_dtype
+
   def __call__(self, x: tf.Tensor, compute_dtype: tf.DType = tf.float32) -> tf.Tensor:
     """Logits [b, z, y, x, 1] float32 for input [b, z, y, x, 2] float32.
 
     Channel 0 of ``x`` is the normalised image, channel 1 the seed logits. With ``compute_dtype``
-    bfloat16 or float16 only the convolutions run in that dtype: each casts its input down and its
-    output back to float32, while the residual stream, the ReLUs and the seed addition stay float32.
-    Keeping the residual sums in float32 is both faster on CPU than an all-bfloat16 stack (fewer
-    bfloat16 elementwise ops) and much closer to float32: on google's 100^3 fib25 benchmark box the
-    adapted Rand error moved by 0.002 (all-bfloat16 stack: 0.022). See benchmarks/README.md.
-    float16 (10 mantissa bits, range +-65504) is closer to float32 than bfloat16 but is meant for
-    inference on GPUs; training in float16 would need loss scaling, which the trainer does not do.
+    bfloat16 or float16 only the multiplications of the hidden convolutions run in that dtype:
+    each casts its input and weights down, and its output back to float32 before the float32
+    bias is added; the first and the last convolution (``float32_convs``), the residual stream,
+    the ReLUs and the seed addition stay float32. The first convolution sees the raw image and
+    the seed (rounding them to bfloat16's 8 bits moves every later layer) and the last one writes
+    the logits themselves (bfloat16 would round a logit of 6 by up to 0.016); both cost ~1% of
+    the multiplications. On google's 100^3 fib25 benchmark box this keeps the adapted Rand error
+    within 0.01 of float32 with and without AMX; see benchmarks/README.md for the measurements
+    and for the variants tried. float16 (10 mantissa bits, range +-65504) is closer to float32
+    than bfloat16 but is meant for inference on GPUs; training in float16 would need loss
+    scaling, which the trainer does not do.
     """
     if compute_dtype not in COMPUTE_DTYPES:
       raise FFNError(f"compute_dtype must be one of {', '.join(d.name for d in COMPUTE_DTYPES)}, "
                      f"got {compute_dtype!r}")
 
     def conv(name: str, net: tf.Tensor) -> tf.Tensor:
-      if compute_dtype == tf.float32:
-        return self.convs[name](net)
-      return tf.cast(self.convs[name](tf.cast(net, compute_dtype)), tf.float32)
+      layer = self.convs[name]
+      dtype = self.conv_dtype(name, compute_dtype)
+      if dtype == tf.float32:
+        return layer(net)
+      y = tf.nn.conv3d(tf.cast(net, dtype), tf.cast(layer.weights, dtype), strides=[1] * 5,
+                       padding="SAME")
+      return tf.cast(y, tf.float32) + layer.biases
 
     seed = x[..., 1:2]
     net = tf.nn.relu(conv("conv0_a", x))
