@@ -122,9 +122,8 @@ class ConvStack3DFFNModel(tf.Module):
     the ReLUs and the seed addition stay float32. The first convolution sees the raw image and
     the seed (rounding them to bfloat16's 8 bits moves every later layer) and the last one writes
     the logits themselves (bfloat16 would round a logit of 6 by up to 0.016); both cost ~1% of
-    the multiplications. On google's 100^3 fib25 benchmark box this keeps the adapted Rand error
-    within 0.01 of float32 with and without AMX; see benchmarks/README.md for the measurements
-    and for the variants tried. float16 (10 mantissa bits, range +-65504) is closer to float32
+    the multiplications. See benchmarks/README.md for the measurements and the variants tried.
+    float16 (10 mantissa bits, range +-65504) is closer to float32
     than bfloat16 but is meant for inference on GPUs; training in float16 would need loss
     scaling, which the trainer does not do.
     """
