@@ -28,8 +28,14 @@ Phases (each skips what is already done, so a re-run of the same command resumes
 4. **resolve** (this process, ids only): union-find and global ids (:mod:`ffn.stitch.ids`).
 5. **write** (array over output blocks aligned to the output's storage chunks or shards): a task
    assembles one block from the owned boxes of the chunks that own it, relabelled, and writes it.
-6. **finalise** (this process): the staged volume is renamed into place (Zarr, precomputed) or
-   streamed into the HDF5 file; then ``summary.json``.
+6. **finalise** (this process): ``summary.json``, then the staged volume is renamed into place
+   (Zarr, precomputed; staged as ``.<name>.partial`` beside the output) or streamed block by block
+   into the HDF5 file (staged as ``staging.zarr`` in the work directory). The output therefore
+   appears only when complete; a re-run once it exists is refused as an existing output.
+
+A task that died or was stopped (SIGTERM) leaves its items to the re-run with ``--retry_failed``
+(:mod:`ffn.blockwise`); the result never depends on how items were split into tasks or in which
+order they ran.
 
 Memory per task: one chunk (extract), two overlaps (match), one block plus one owned box (write).
 Every task records its peak resident memory (``VmHWM``) and its resident memory when it started,
@@ -203,7 +209,6 @@ class Plan:
   work_dir: Path
   tiling: Tiling
   params: Params
-  chunk_files: list[str]
 
   @property
   def names(self) -> list[str]:
@@ -312,10 +317,8 @@ def make_plan(segmentation_dir: str | None, output: LabelsSpec, work_dir: str | 
     raise FFNError("--bounding_box needs --subvolume_size (and --overlap): the tiling to check")
   if expected is not None:
     check_expected(tiling, expected, where)  # type: ignore[arg-type]
-  by_corner = dict(zip(corners, files))
-  chunk_files = [by_corner[c] for c in tiling.chunk_corners]
   work = Path(work_dir) if work_dir else Path(os.path.abspath(output.path) + ".stitch")
-  plan = Plan(source, output, work.absolute(), tiling, params, chunk_files)
+  plan = Plan(source, output, work.absolute(), tiling, params)
   layout = plan.layout()
   if layout.shard_chunks_zyx is not None:
     sharding_for([-(-n // c) for n, c in zip(layout.shape_zyx, layout.chunk_zyx)],
@@ -562,7 +565,8 @@ def _run_phase(name: str, plan: Plan, worker: Worker, items: list[WorkItem], job
   check_manifest(run_dir, plan.manifest(), items)
   started = time.monotonic()
   status = run_array(run_dir, worker, items, jobs.options, chunks_per_task=jobs.items_per_task,
-                     max_tasks=jobs.num_tasks, retry_failed=jobs.retry_failed, wait=True)
+                     max_tasks=jobs.num_tasks, retry_failed=jobs.retry_failed, wait=True,
+                     poll_s=1.0)
   failed = status.count("failed")
   not_done = len(items) - status.count("done")
   if failed or not_done:
