@@ -90,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except FFNError as e:
     print(f"ffn {name}: error: {e}", file=sys.stderr)
     return 2
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+      raise
+    print(f"ffn {name}: error: TensorFlow is not installed in {sys.prefix} (README.md: "
+          "'Installing by hand, GPU')", file=sys.stderr)
+    return 2
   except KeyboardInterrupt:
     print(f"ffn {name}: interrupted", file=sys.stderr)
     return 130

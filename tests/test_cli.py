@@ -102,3 +102,18 @@ print(np.asarray(model(x)).shape)
 ])
 def test_noise_filter_keeps_errors(line, noise):
   assert is_noise(line) is noise
+
+
+def test_missing_tensorflow_is_one_line(tmp_path):
+  """An environment without TensorFlow (e.g. the CPU/GPU extra left out): one line, exit 2."""
+  code = ("import sys; sys.modules['tensorflow'] = None  # makes `import tensorflow` fail\n"
+          "from ffn.cli import main; sys.exit(main(sys.argv[1:]))")
+  result = _python(code, "train", "--train_coords", str(tmp_path / "c.tfrecord"), "--data_volumes",
+                   "a:x.h5:raw", "--label_volumes", "a:x.h5:stack", "--model_name",
+                   "convstack_3d.ConvStack3DFFNModel", "--model_args", "{}", "--image_mean", "1",
+                   "--image_stddev", "1", "--train_dir", str(tmp_path / "run"))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      f"ffn train: error: TensorFlow is not installed in {sys.prefix} (README.md: "
+      "'Installing by hand, GPU')"]
+  assert list(tmp_path.iterdir()) == []
