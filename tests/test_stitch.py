@@ -262,6 +262,9 @@ def test_match_overlap_agrees_with_a_literal_reading_of_the_rule(seed):
     assert got == _slow_rule(a, b, min_agreement, min_overlap)
   table = contingency(a, b)
   assert table.counts.sum() == np.count_nonzero((a != 0) & (b != 0))
+  pieces = contingency(a, b, piece_voxels=7)  # counted 7 voxels at a time, then summed
+  for field in ("ids_a", "sizes_a", "ids_b", "sizes_b", "pair_a", "pair_b", "counts"):
+    np.testing.assert_array_equal(getattr(pieces, field), getattr(table, field))
 
 
 def test_one_to_many_keeps_the_largest_and_leaves_the_rest_separate():

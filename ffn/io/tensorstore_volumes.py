@@ -219,7 +219,11 @@ def create_labels(spec: LabelsSpec, layout: LabelsLayout) -> None:
 
 
 class LabelsWriter:
-  """Writes boxes (absolute z,y,x corners, uint64) into an existing Zarr/precomputed volume."""
+  """Writes boxes (absolute z,y,x corners, uint64) into an existing Zarr/precomputed volume.
+
+  A box is written a storage chunk's depth of z-planes at a time (one copy of that slab, not of
+  the box), except in a sharded volume, where the whole box goes in one transaction (one write of
+  each shard it covers)."""
 
   def __init__(self, spec: LabelsSpec):
     import tensorstore as ts
@@ -229,20 +233,34 @@ class LabelsWriter:
     except ValueError as e:
       raise FFNError(f"{spec}: cannot open the volume ({e})") from None
     self.offset_zyx = _offset_of(spec, self._store)
+    chunk = list(self._store.chunk_layout.write_chunk.shape)
+    self._planes = int(chunk[0] if spec.format == "zarr" else chunk[2])
+    metadata = self._store.spec().to_json().get("scale_metadata", {})
+    self._sharded = spec.format == "precomputed" and bool(metadata.get("sharding"))
+
+  def _view(self, store, corner_zyx: Sequence[int], shape_zyx: Sequence[int]):
+    c = [int(v) for v in corner_zyx]
+    n = [int(v) for v in shape_zyx]
+    if self.spec.format == "zarr":
+      lo = [v - o for v, o in zip(c, self.offset_zyx)]
+      return store[lo[0]:lo[0] + n[0], lo[1]:lo[1] + n[1], lo[2]:lo[2] + n[2]]
+    return store[c[2]:c[2] + n[2], c[1]:c[1] + n[1], c[0]:c[0] + n[0], 0]
+
+  def _as_stored(self, data: np.ndarray) -> np.ndarray:
+    return data if self.spec.format == "zarr" else data.transpose(2, 1, 0)
 
   def write(self, corner_zyx: Sequence[int], data: np.ndarray) -> None:
     import tensorstore as ts
     data = np.asarray(data, np.uint64)
-    lo = [int(c) - o for c, o in zip(corner_zyx, self.offset_zyx)]
-    with ts.Transaction() as txn:
-      view = self._store.with_transaction(txn)
-      if self.spec.format == "zarr":
-        view[lo[0]:lo[0] + data.shape[0], lo[1]:lo[1] + data.shape[1],
-             lo[2]:lo[2] + data.shape[2]] = data
-      else:
-        c = [int(v) for v in corner_zyx]
-        view[c[2]:c[2] + data.shape[2], c[1]:c[1] + data.shape[1], c[0]:c[0] + data.shape[0],
-             0] = data.transpose(2, 1, 0)
+    if self._sharded:
+      with ts.Transaction() as txn:
+        self._view(self._store.with_transaction(txn), corner_zyx, data.shape)[...] = \
+            self._as_stored(data)
+      return
+    for z in range(0, data.shape[0], self._planes):
+      slab = data[z:z + self._planes]
+      corner = (int(corner_zyx[0]) + z, int(corner_zyx[1]), int(corner_zyx[2]))
+      self._view(self._store, corner, slab.shape).write(self._as_stored(slab)).result()
 
 
 def _offset_of(spec: LabelsSpec, store) -> tuple[int, int, int]:

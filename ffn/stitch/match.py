@@ -46,24 +46,47 @@ class Matches:
   counters: dict[str, int]
 
 
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(sorted distinct values, position of each element among them, count of each)."""
-  distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-  return distinct, inverse.reshape(-1), counts
+def _group(pa: np.ndarray, pb: np.ndarray, weights: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Distinct (pa, pb) pairs of two flat id arrays, sorted by (pa, pb), and how many elements
+  (or, with ``weights``, their summed weight) each has (int64)."""
+  ua, ia = np.unique(pa, return_inverse=True)
+  ub, ib = np.unique(pb, return_inverse=True)
+  codes, inverse = np.unique(ia.reshape(-1).astype(np.int64) * ub.size + ib.reshape(-1),
+                             return_inverse=True)
+  counts = np.bincount(inverse.reshape(-1), weights=weights, minlength=codes.size)
+  return ua[codes // ub.size], ub[codes % ub.size], counts.astype(np.int64)
 
 
-def contingency(a: np.ndarray, b: np.ndarray) -> Contingency:
-  """Counts of co-occurring ids of ``a`` and ``b`` (same shape, z,y,x) and each id's size."""
+def _sizes(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct non-zero ``values`` (sorted) and the sum of ``counts`` of each."""
+  ids, inverse = np.unique(values, return_inverse=True)
+  sums = np.bincount(inverse.reshape(-1), weights=counts, minlength=ids.size).astype(np.int64)
+  keep = ids != 0
+  return ids[keep], sums[keep]
+
+
+def contingency(a: np.ndarray, b: np.ndarray, piece_voxels: int = 1 << 18) -> Contingency:
+  """Counts of co-occurring ids of ``a`` and ``b`` (same shape, z,y,x) and each id's size.
+
+  The voxels are counted ``piece_voxels`` at a time and the per-piece tables summed, so the
+  memory beyond ``a`` and ``b`` is O(piece + distinct pairs), whatever the overlap's size.
+  """
   if a.shape != b.shape:
     raise ValueError(f"overlap shapes differ: {a.shape} vs {b.shape} (z,y,x)")
-  ua, ia, na = _distinct(a.reshape(-1).astype(np.uint64, copy=False))
-  ub, ib, nb = _distinct(b.reshape(-1).astype(np.uint64, copy=False))
-  codes, pair_counts = np.unique(ia.astype(np.int64) * ub.size + ib, return_counts=True)
-  pa, pb = ua[codes // ub.size], ub[codes % ub.size]
+  flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+  parts = [_group(flat_a[s:s + piece_voxels].astype(np.uint64),
+                  flat_b[s:s + piece_voxels].astype(np.uint64))
+           for s in range(0, flat_a.size, piece_voxels)]
+  if not parts:
+    empty = np.zeros(0, np.uint64)
+    return Contingency(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, empty,
+                       np.zeros(0, np.int64))
+  pa, pb, counts = _group(*(np.concatenate(x) for x in zip(*parts)))
+  ids_a, sizes_a = _sizes(pa, counts)
+  ids_b, sizes_b = _sizes(pb, counts)
   keep = (pa != 0) & (pb != 0)
-  nz_a, nz_b = ua != 0, ub != 0
-  return Contingency(ua[nz_a], na[nz_a].astype(np.int64), ub[nz_b], nb[nz_b].astype(np.int64),
-                     pa[keep], pb[keep], pair_counts[keep].astype(np.int64))
+  return Contingency(ids_a, sizes_a, ids_b, sizes_b, pa[keep], pb[keep], counts[keep])
 
 
 def match_overlap(a: np.ndarray, b: np.ndarray, min_agreement: float, min_overlap: int) -> Matches:

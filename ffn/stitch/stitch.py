@@ -356,9 +356,12 @@ class _PhaseWorker(Worker):
     return Path(self.work_dir) / "chunks" / f"{_name(self.tiling.chunk_box(index)[0])}.npz"
 
   def start_memory(self) -> None:
-    """Before the first item of this task: resets the process's peak (``VmHWM``, Linux
-    ``clear_refs``) so that it excludes start-up, and records the idle baseline (``VmRSS``)."""
+    """Before the first item of this task: loads the libraries the phases use, resets the
+    process's peak (``VmHWM``, Linux ``clear_refs``) so that it excludes start-up, and records
+    the idle baseline (``VmRSS``)."""
     if getattr(self, "_baseline_kib", None) is None:
+      import fastremap  # noqa: F401 - what the phases import, loaded before the baseline
+      import tensorstore  # noqa: F401
       try:
         with open("/proc/self/clear_refs", "w") as f:
           f.write("5")
@@ -373,6 +376,18 @@ class _PhaseWorker(Worker):
 
 def _save_npz(path: Path, **arrays) -> None:
   storage.save_npz_atomic(str(path), **arrays)
+
+
+def _save_npz_members(path: Path, members) -> None:
+  """An npz file (deflate-compressed, as ``np.savez_compressed``) written atomically from an
+  iterable of (name, array), one member at a time: only one member need exist at once."""
+  with atomic_path(path, suffix=".npz") as tmp:
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+      for name, array in members:
+        with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
 
 
 class ExtractWorker(_PhaseWorker):
@@ -403,17 +418,21 @@ class ExtractWorker(_PhaseWorker):
     owned = np.ascontiguousarray(labels[local_slices(owned_box, box)])
     owned_ids, owned_counts = fastremap.unique(owned, return_counts=True)
     keep = owned_ids != 0
-    arrays = {"ids": ids, "owned": owned, "owned_ids": owned_ids[keep].astype(np.uint64),
-              "owned_counts": owned_counts[keep].astype(np.int64)}
-    for i, j in self.tiling.pairs():
-      if index in (i, j):
-        other = j if i == index else i
-        shared = intersect(box, self.tiling.chunk_box(other))
-        assert shared is not None
-        arrays[f"ov_{other}"] = np.ascontiguousarray(labels[local_slices(shared, box)])
-    del labels
-    arrays["memory"] = np.array(json.dumps(self._memory_fields()))
-    _save_npz(self.chunk_file(index), **arrays)
+
+    def members():
+      yield "ids", ids
+      yield "owned", owned
+      yield "owned_ids", owned_ids[keep].astype(np.uint64)
+      yield "owned_counts", owned_counts[keep].astype(np.int64)
+      for i, j in self.tiling.pairs():
+        if index in (i, j):
+          other = j if i == index else i
+          shared = intersect(box, self.tiling.chunk_box(other))
+          assert shared is not None
+          yield f"ov_{other}", np.ascontiguousarray(labels[local_slices(shared, box)])
+      yield "memory", np.array(json.dumps(self._memory_fields()))
+
+    _save_npz_members(self.chunk_file(index), members())
 
 
 def forward_pairs(tiling: Tiling) -> dict[int, list[int]]:
@@ -488,12 +507,29 @@ class WriteWorker(_PhaseWorker):
       with np.load(self.chunk_file(index)) as data:
         owned, local = data["owned"], data["ids"]
       global_ids = np.load(Path(self.work_dir) / "global" / f"{name}.npy")
-      piece = owned[local_slices(part, owned_box)]
-      out[local_slices(part, block)] = idlib.relabel(piece, local, global_ids)
-      del owned, piece
+      _relabel_into(out[local_slices(part, block)], owned[local_slices(part, owned_box)], local,
+                    global_ids)
+      del owned
     self._writer.write(corner, out)
     write_text_atomic(self.block_file(item), json.dumps({"voxels": int(out.size),
                                                          **self._memory_fields()}) + "\n")
+
+
+_DENSE_MAX_ID = 1 << 22  # local ids up to this are relabelled through a dense table
+
+
+def _relabel_into(out: np.ndarray, labels: np.ndarray, local: np.ndarray, global_ids: np.ndarray,
+                  planes: int = 8) -> None:
+  """``out[...] = global id of labels`` (local sorted ids ``local`` -> ``global_ids``), ``planes``
+  z-planes at a time so that no temporary is larger than those planes."""
+  top = int(local[-1]) if local.size else 0
+  table = None
+  if top <= _DENSE_MAX_ID:
+    table = np.zeros(top + 1, np.uint64)
+    table[local.astype(np.int64)] = global_ids
+  for z in range(0, labels.shape[0], planes):
+    piece = labels[z:z + planes]
+    out[z:z + planes] = table[piece] if table is not None else idlib.relabel(piece, local, global_ids)
 
 
 # ----------------------------------------------------------------------------- resolve
