@@ -419,7 +419,7 @@ def test_seed_progress_live_seeds_and_eta():
   live = sum(1 for p in inside[1:] if p[0] >= 15)
   tracker.start -= 100.0
   eta, detail = tracker.estimate()
-  assert detail == f"0 objects, 50.0% voxels segmented, {live} live seeds"
+  assert detail == f"0 objects, 50.0% voxels segmented, {live} live seeds, 0 FOV moves (0.0/s)"
   assert eta == pytest.approx(live * 100.0 / (tracker.live_start - live), rel=0.01)
   tracker.close()
 
