@@ -693,9 +693,7 @@ def wait_for(run_dir: str | os.PathLike, items: Sequence[WorkItem],
   status = compute_status(run_dir, items, is_done)
 
   def estimate() -> tuple[float | None, str]:
-    rate = f"{_voxels(status.voxels_per_s)}/s" if status.voxels_per_s else "? voxels/s"
-    return status.eta_s, (f"{status.count('running')} running, {status.count('failed')} failed, "
-                          f"{rate}")
+    return status.eta_s, f"{status.count('running')} running, {status.count('failed')} failed"
 
   done_voxels = sum(it.cost for it in items if status.states[it.id].state == "done")
   with Progress(total, "blocks (voxels)", unit="voxel", initial=done_voxels, estimate=estimate,
