@@ -597,11 +597,12 @@ def _voxels(n: float) -> str:
   return f"{n:.0f} voxels"
 
 
-def status_lines(status: RunStatus, slowest: int = 5) -> list[str]:
-  """Human-readable summary: counts, throughput and ETA, the slowest blocks, failed tasks."""
+def status_lines(status: RunStatus, slowest: int = 5, noun: str = "blocks") -> list[str]:
+  """Human-readable summary: counts, throughput and ETA, the slowest blocks, failed tasks;
+  ``noun`` names the blocks (e.g. ``chunks``)."""
   total = sum(item.cost for item in status.items)
   counts = {s: status.count(s) for s in ("done", "running", "queued", "failed", "pending")}
-  lines = [f"{status.run_dir}: {len(status.items)} blocks ({_voxels(total)}): {counts['done']} done, "
+  lines = [f"{status.run_dir}: {len(status.items)} {noun} ({_voxels(total)}): {counts['done']} done, "
            f"{counts['running']} running, {counts['failed']} failed, "
            f"{counts['pending'] + counts['queued']} pending ({counts['queued']} queued in tasks)"]
   if status.voxels_per_s:
@@ -610,12 +611,12 @@ def status_lines(status: RunStatus, slowest: int = 5) -> list[str]:
   timed = sorted(((s.seconds, i) for i, s in status.states.items() if s.seconds is not None),
                  reverse=True)
   if timed:
-    lines.append("slowest blocks: " + ", ".join(f"{i} {sec:.1f} s" for sec, i in timed[:slowest]))
+    lines.append(f"slowest {noun}: " + ", ".join(f"{i} {sec:.1f} s" for sec, i in timed[:slowest]))
   for task, ids in status.failed_tasks().items():
     s = status.states[ids[0]]
     shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
     lines.append(f"failed: task {task} (job {s.job_id or '?'}): {s.reason}; log: {s.log or '?'}; "
-                 f"blocks: {shown}")
+                 f"{noun}: {shown}")
   return lines
 
 

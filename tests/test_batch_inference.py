@@ -9,9 +9,11 @@ Tests marked ``slurm`` submit real job arrays to the Slurm cluster answering ``s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,7 +101,6 @@ def test_bad_flags_one_line_nothing_written(tmp_path: Path, capsys: pytest.Captu
 def test_manifest_mismatch_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
   """A run into the same directory with another tiling or request is refused; nothing changes."""
   from ffn.inference.batch import add_arguments, prepare, write_manifests
-  import argparse
   request = _request(tmp_path / "req.pbtxt", tmp_path / "out")
   parser = argparse.ArgumentParser()
   add_arguments(parser)
@@ -206,9 +207,9 @@ def test_slurm_array_matches_run_inference(tmp_path: Path, reference: Path, slur
   capsys.readouterr()
   assert main(["batch_status", str(run_dir)]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == (f"{run_dir}: 8 blocks (884.7 kvoxels): 8 done, 0 running, 0 failed, "
+  assert lines[0] == (f"{run_dir}: 8 chunks (884.7 kvoxels): 8 done, 0 running, 0 failed, "
                       "0 pending (0 queued in tasks)")
-  assert lines[1].startswith("throughput ") and lines[2].startswith("slowest blocks: ")
+  assert lines[1].startswith("throughput ") and lines[2].startswith("slowest chunks: ")
   # A rerun submits nothing.
   assert main(["batch_inference", "--inference_request", request, *COMMON, "--wait",
                *_slurm_options(slurm_job_name)]) == 0
@@ -275,7 +276,6 @@ def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
   """submitit's preemption signal (USR2, what Slurm sends before a time limit or preemption):
   the task saves the chunk's checkpoint, submitit requeues the same job, and the requeued run
   finishes every chunk exactly as the uninterrupted run did, with no new submission."""
-  import subprocess
   _fit(slurm_job_name)
   out = tmp_path / "out"
   request = _request(tmp_path / "req.pbtxt", out)

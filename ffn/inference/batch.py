@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
   write_manifests(worker, items, manifest)
   status = run_array(run_dir, worker, items, options, chunks_per_task=args.chunks_per_task,
                      max_tasks=args.num_tasks, retry_failed=args.retry_failed, wait=args.wait)
-  for line in status_lines(status):
+  for line in status_lines(status, noun="chunks"):
     print(line)
   if not args.wait and status.active:
     print(f"follow with: ffn batch_status {run_dir}")

@@ -22,6 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   status = run_status(args.run)
-  for line in status_lines(status):
+  for line in status_lines(status, noun="chunks"):
     print(line)
   return 1 if status.count("failed") else 0
