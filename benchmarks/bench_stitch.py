@@ -8,7 +8,8 @@ intersected into ~40^3-voxel convex objects, ids from the voxel's slab indices, 
 is written as google-layout chunk results of ``--chunk`` ^3 voxels with ``--overlap``
 (``split_box``), every chunk renumbered at random, without ever holding the volume (each chunk is
 computed on its own). Then ``ffn stitch --cluster local`` (every array task its own process,
-``--num_tasks`` per phase, Zarr output, ``--min_overlap 1``) runs as a subprocess and is timed.
+``--num_tasks`` per phase, Zarr output in 64^3 storage chunks written in 64^3 blocks,
+``--min_overlap 1``) runs as a subprocess and is timed.
 Reported: voxels/s of the whole command (from start to the output in place) and per phase, and
 per phase the largest growth of a task's resident memory over its idle baseline (``VmHWM`` after
 ``VmRSS`` at the task's start; see ``ffn.stitch.stitch``) against one chunk's label array
@@ -122,7 +123,7 @@ def bench_sizes(args, tmp: Path) -> list[dict]:
     output = f"zarr://{tmp / f'stitched{size}.zarr'}"
     wall, summary = run_stitch(seg, output, tmp / f"work{size}", [
         "--cluster", "local", "--num_tasks", str(args.num_tasks), "--min_overlap", "1",
-        "--chunk_size", "64,64,64", "--block_size", f"{args.chunk},{args.chunk},{args.chunk}"])
+        "--chunk_size", "64,64,64", "--block_size", "64,64,64"])
     check_synthetic(output, size, args.chunk, ids)
     row = {"size": size, "chunks": summary["chunks"], "objects": summary["objects"],
            "make_chunks_s": round(made, 1), "wall_s": round(wall, 2),

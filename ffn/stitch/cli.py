@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "load_segmentation option)")
   parser.add_argument("--min_size", type=int, default=0,
                       help="clear objects smaller than this (voxels) in every chunk first")
-  parser.add_argument("--block_size", default="128,128,128",
+  parser.add_argument("--block_size", default="64,64,64",
                       help="output block written by one task, x,y,z (a multiple of --chunk_size; "
                            "default: %(default)s)")
   parser.add_argument("--chunk_size", default="64,64,64",

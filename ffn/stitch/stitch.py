@@ -174,7 +174,7 @@ class Params:
   """Settings of one stitch. Sizes are z,y,x voxels."""
   min_agreement: float = 0.5
   min_overlap: int = 100
-  block_zyx: tuple[int, int, int] = (128, 128, 128)
+  block_zyx: tuple[int, int, int] = (64, 64, 64)
   chunk_zyx: tuple[int, int, int] = (64, 64, 64)
   resolution_nm_xyz: tuple[float, float, float] = (10.0, 10.0, 10.0)
   sharded: bool = False
