@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv/ (first run only) and installs this package into it: scripts/setup-venv.sh [EXTRAS]
-# e.g. `scripts/setup-venv.sh test` installs '.[test]'. Used by run_demo.sh and run_tests.sh.
+# e.g. `scripts/setup-venv.sh test` installs '.[cpu,test]'. Used by run_demo.sh and run_tests.sh.
+# TensorFlow comes from the extra FFN_TF_EXTRA (default cpu; FFN_TF_EXTRA=gpu for NVIDIA GPUs, in a
+# venv that never had tensorflow-cpu: the two builds install the same files).
 # As root on Debian/Ubuntu, installs python3-venv first when the venv module is missing.
 # pip's output goes to .venv/pip-install.log (shown on failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${1:-}
+EXTRAS="${FFN_TF_EXTRA:-cpu}${1:+,$1}"
 if [ ! -x .venv/bin/python ]; then
   if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
