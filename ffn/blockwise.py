@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import submitit
 
+from ffn import quiet_tf
 from ffn.axes import BoundingBox
 from ffn.errors import FFNError
 from ffn.io.atomic import write_text_atomic
@@ -360,6 +361,7 @@ class ArrayTask(submitit.helpers.Checkpointable):
   def __call__(self, submission: int, index: int, item_dicts: Sequence[dict[str, Any]]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_tf.install()  # job logs without TensorFlow's start-up noise, as on the command line
     items = [WorkItem.from_json(d) for d in item_dicts]
     path = Path(self.run_dir) / "tasks" / f"{submission:04d}_{index}.json"
     self._report = TaskReport(path, {"submission": submission, "task": index, "job_id": _job_id(),

@@ -248,11 +248,12 @@ def run(args: argparse.Namespace) -> int:
       with Volume(args.image) as vol:
         image = vol.read_box(box or BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape)))
       write_precomputed_layer(os.path.join(args.output, "image"), image, "image", offset, resolution)
+  if args.format:
+    _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
+  if args.format == "precomputed":
     print(f"Neuroglancer: run `ffn serve {args.output}` (add `--client local` without internet) and "
           "open the link it prints (layers precomputed://http://localhost:8000/image and "
           "precomputed://http://localhost:8000/segmentation)")
-  if args.format:
-    _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
   if args.preview:
     image = None
     if args.image:

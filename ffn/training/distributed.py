@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import submitit
 
+from ffn import quiet_tf
 from ffn.errors import FFNError
 from ffn.training import cli as train_cli
 
@@ -237,6 +238,7 @@ class DistributedTraining(submitit.helpers.Checkpointable):
   def __call__(self) -> int:
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_tf.install()  # job logs without TensorFlow's start-up noise, as on the command line
     env = submitit.JobEnvironment()
     _log.info("job %s task %d/%d on %s", env.job_id, env.global_rank, env.num_tasks, env.hostname)
     _share_gpus(env)
