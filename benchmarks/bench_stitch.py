@@ -190,8 +190,9 @@ def bench_groundtruth(tmp: Path) -> list[dict]:
       scores = evaluate(labels, gt)
       rows.append({"method": method, "overlap": overlap, "chunks": len(boxes),
                    "segments": scores["segments"], "bodies_split": bodies_split(labels, gt),
-                   "vi_split": round(scores["vi_split"], 4), "vi_merge": round(scores["vi_merge"], 4),
-                   "adapted_rand_error": round(scores["adapted_rand_error"], 4)})
+                   "vi_split": round(scores["vi_split"], 4) + 0.0,
+                   "vi_merge": round(scores["vi_merge"], 4) + 0.0,  # + 0.0: no "-0.0"
+                   "adapted_rand_error": round(scores["adapted_rand_error"], 4) + 0.0})
       print(json.dumps(rows[-1]), flush=True)
   return rows
 
