@@ -15,8 +15,8 @@ compute dtype makes is replaced by a random relative error of the dtype's full u
 rounded, their products accumulated in the half type (the worst case: oneDNN accumulates in
 float32, Eigen's CPU kernels without AVX512-FP16 (AMD EPYC) in float16, XLA in float32), outputs
 rounded, float32 bias and residual additions rounded. The rounding of the weights themselves is
-not random: it is applied exactly (the reference runs on the weights rounded to the compute
-dtype). Modelling rounding errors as independent, zero-mean and bounded by ``u`` times the
+not random: it is applied exactly (the reference runs on the weights as the model represents
+them in the compute dtype, ``weight_terms``). Modelling rounding errors as independent, zero-mean and bounded by ``u`` times the
 exact value (the standard probabilistic model of rounding error analysis, Higham & Mary 2019),
 the error of each logit is to first order a sum of many such terms, about normal with variance at
 most the probes' mean square at that voxel; the ratio of the error to the probes' rms then stays
@@ -117,7 +117,8 @@ def float64_forward(model, x: np.ndarray, compute_dtype: str = "float32", probes
   """float64 logits of ``model`` for ``x`` [b, z, y, x, 2], and simulated rounding errors.
 
   The convolutions the model runs in ``compute_dtype`` (``model.conv_dtype``) use its weights
-  rounded to that dtype, exactly as the model rounds them; everything else is exact. Returns
+  exactly as the model represents them in that dtype (``model.weight_terms``, one convolution
+  per term); everything else is exact. Returns
   ``(logits [b, z, y, x, 1], deviations [probes, b, z, y, x, 1])``: each deviation is a float64
   run in which every rounding of the model's arithmetic (see the module docstring) is a random
   relative error of +-u, minus the logits.
@@ -139,19 +140,24 @@ def float64_forward(model, x: np.ndarray, compute_dtype: str = "float32", probes
   def conv(name: str, a0: tf.Tensor, ak: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     layer = model.convs[name]
     dtype = model.conv_dtype(name, low)
-    w = tf.cast(tf.cast(layer.weights, dtype), tf.float64).numpy()
+    terms = [tf.cast(w, tf.float64).numpy() for w in model.weight_terms(name, low)]
     b = layer.biases.numpy().astype(np.float64)
     u = UNIT_ROUNDOFF[dtype.name]
-    y0 = conv3d(a0, w)
     if dtype != tf.float32:  # the input is rounded to the compute dtype
       ak = ak + u * tile(tf.abs(a0)) * sign(ak)
-    yk = conv3d(ak, w)
-    # Accumulation of n products t in precision u: partial-sum energy of a random order.
-    n = int(np.prod(w.shape[:4]))
-    energy = n * (conv3d(a0 * a0, w * w) / 6 + y0 * y0 / 3)
-    yk = yk + u * tile(tf.sqrt(energy)) * sign(yk)
-    if dtype != tf.float32:  # the output is rounded to the compute dtype, then cast up exactly
-      yk = yk + u * tile(tf.abs(y0)) * sign(yk)
+    y0, yk = 0, 0
+    for w in terms:  # one convolution per weight term, each output cast to float32
+      t0 = conv3d(a0, w)
+      tk = conv3d(ak, w)
+      # Accumulation of n products t in precision u: partial-sum energy of a random order.
+      n = int(np.prod(w.shape[:4]))
+      energy = n * (conv3d(a0 * a0, w * w) / 6 + t0 * t0 / 3)
+      tk = tk + u * tile(tf.sqrt(energy)) * sign(tk)
+      if dtype != tf.float32:  # the output is rounded to the compute dtype, then cast up exactly
+        tk = tk + u * tile(tf.abs(t0)) * sign(tk)
+      y0, yk = y0 + t0, yk + tk
+    if len(terms) > 1:  # their float32 sum
+      yk = yk + f32 * tile(tf.abs(y0)) * sign(yk)
     y0, yk = y0 + b, yk + b
     return y0, yk + f32 * tile(tf.abs(y0)) * sign(yk)  # float32 bias addition
 

@@ -221,12 +221,15 @@ def load(checkpoint_path: str, model_name: str | None = None, model_args: str | 
       takes it from the training flags saved beside the checkpoint.
     model_args: google's JSON string or a dict (``fov_size``/``deltas`` in x,y,z order); None
       takes them from the saved training flags.
-    compute_dtype: the dtype of the convolutions: "float32" (default), "bfloat16" or "float16".
-      With the half types each convolution casts its input down and its output back to float32;
-      the residual stream, ReLUs, seed addition and the returned logits stay float32. On the
-      fib25 model (2-core Xeon with AVX512-BF16/FP16, AMX-BF16) bfloat16 is ~3.2x faster than
-      float32 (max logit difference 0.2), float16 ~1.8x *slower* (max difference 0.02): float16 is
-      meant for GPUs (tensor cores). See benchmarks/README.md.
+    compute_dtype: the dtype of the hidden convolutions: "float32" (default), "bfloat16" or
+      "float16". With the half types each of them casts its input down and its output back to
+      float32 (bfloat16: two convolutions, with the weights split in two bfloat16 terms); the
+      first and last convolution, bias additions, residual stream, ReLUs, seed addition and the
+      returned logits stay float32 (``ConvStack3DFFNModel.__call__``). On the fib25 model, 2-core
+      Xeon with AMX-BF16: bfloat16 ~2.2x faster than float32 (max logit difference 0.06); with
+      oneDNN's AVX512-BF16 kernels instead of AMX (what a CPU without AMX, e.g. an AMD EPYC, gets)
+      bfloat16 was ~3x *slower* than float32 there; float16 ~1.8x *slower* than float32 (max
+      difference 0.02). The half types are meant for AMX CPUs and GPUs. See benchmarks/README.md.
     jit_compile: compile the network with XLA (``tf.function(jit_compile=True)``), once per input
       shape. Off by default: on that CPU XLA was ~7.7x slower for every dtype; meant for GPUs.
 

@@ -87,8 +87,10 @@ class ConvStack3DFFNModel(tf.Module):
       convs[f"conv{i}_b"] = _Conv(f"conv{i}_b", k, features, features, rng)
     convs["conv_lom"] = _Conv("conv_lom", (1, 1, 1), features, 1, rng)
     self.convs = convs
-    # Convolutions kept in float32 whatever the compute_dtype (see __call__).
+    # Convolutions kept in float32 whatever the compute_dtype, and the compute dtypes whose
+    # convolutions use two-term weights (see __call__ and weight_terms).
     self.float32_convs: tuple[str, ...] = ("conv0_a", "conv_lom")
+    self.split_weight_dtypes: tuple[tf.DType, ...] = (tf.bfloat16,)
 
   @property
   def input_shape_zyx(self) -> tuple[int, int, int]:
@@ -112,20 +114,37 @@ class ConvStack3DFFNModel(tf.Module):
     """The dtype convolution ``name`` multiplies in when the model runs in ``compute_dtype``."""
     return tf.float32 if name in self.float32_convs else compute_dtype
 
+  def weight_terms(self, name: str, compute_dtype: tf.DType) -> list[tf.Tensor]:
+    """The weights of convolution ``name`` as terms in its ``conv_dtype``, summing to them.
+
+    float32 and float16: the weights themselves (float16 rounds them by at most 2^-11). bfloat16:
+    ``hi`` = the weights rounded to bfloat16 and ``lo`` = the rest rounded to bfloat16, so that
+    ``hi + lo`` is within 2^-16 (relative) of the float32 weights instead of 2^-8.
+    """
+    dtype = self.conv_dtype(name, compute_dtype)
+    w = self.convs[name].weights
+    if dtype not in self.split_weight_dtypes:
+      return [tf.cast(w, dtype)]
+    hi = tf.cast(w, dtype)
+    return [hi, tf.cast(w - tf.cast(hi, tf.float32), dtype)]
+
   def __call__(self, x: tf.Tensor, compute_dtype: tf.DType = tf.float32) -> tf.Tensor:
     """Logits [b, z, y, x, 1] float32 for input [b, z, y, x, 2] float32.
 
     Channel 0 of ``x`` is the normalised image, channel 1 the seed logits. With ``compute_dtype``
     bfloat16 or float16 only the multiplications of the hidden convolutions run in that dtype:
-    each casts its input and weights down, and its output back to float32 before the float32
-    bias is added; the first and the last convolution (``float32_convs``), the residual stream,
+    each casts its input down, convolves it with each of its ``weight_terms`` (bfloat16: two
+    terms, so the weights keep 16 bits, not 8), casts each output back to float32 and adds the
+    float32 bias; the first and the last convolution (``float32_convs``), the residual stream,
     the ReLUs and the seed addition stay float32. The first convolution sees the raw image and
     the seed (rounding them to bfloat16's 8 bits moves every later layer) and the last one writes
     the logits themselves (bfloat16 would round a logit of 6 by up to 0.016); both cost ~1% of
-    the multiplications. See benchmarks/README.md for the measurements and the variants tried.
-    float16 (10 mantissa bits, range +-65504) is closer to float32
-    than bfloat16 but is meant for inference on GPUs; training in float16 would need loss
-    scaling, which the trainer does not do.
+    the multiplications. Rounding the weights to bfloat16 is a fixed, systematic change of the
+    network (it moves every logit the same way every call), unlike the rounding of activations;
+    the two-term weights remove it. See benchmarks/README.md for the measurements and the
+    variants tried. float16 (10 mantissa bits, range +-65504) is closer to float32 than
+    bfloat16 but is meant for inference on GPUs; training in float16 would need loss scaling,
+    which the trainer does not do.
     """
     if compute_dtype not in COMPUTE_DTYPES:
       raise FFNError(f"compute_dtype must be one of {', '.join(d.name for d in COMPUTE_DTYPES)}, "
@@ -136,9 +155,10 @@ class ConvStack3DFFNModel(tf.Module):
       dtype = self.conv_dtype(name, compute_dtype)
       if dtype == tf.float32:
         return layer(net)
-      y = tf.nn.conv3d(tf.cast(net, dtype), tf.cast(layer.weights, dtype), strides=[1] * 5,
-                       padding="SAME")
-      return tf.cast(y, tf.float32) + layer.biases
+      low = tf.cast(net, dtype)
+      terms = [tf.cast(tf.nn.conv3d(low, w, strides=[1] * 5, padding="SAME"), tf.float32)
+               for w in self.weight_terms(name, compute_dtype)]
+      return tf.add_n(terms) + layer.biases
 
     seed = x[..., 1:2]
     net = tf.nn.relu(conv("conv0_a", x))
