@@ -10,7 +10,16 @@ run hits every configuration alike.
 
 Accuracy: logits of every non-float32 configuration against float32 (no XLA) on ``--patches`` real
 33^3 image patches of the shipped ``training_sample2_crop.h5`` (raw, normalised (raw - 128) / 33),
-with an inference seed channel (logit(0.05) everywhere, logit(0.95) at the centre voxel).
+with an inference seed channel (logit(0.05) everywhere, logit(0.95) at the centre voxel): max,
+median and mean (signed) difference, and the fraction of voxels on the same side of 0.5 and of
+the flood fill's move threshold 0.9 as float32.
+
+``--dtypes`` entries are ``compute_dtype`` values, plus two variants of bfloat16 to measure what its
+choices cost and buy: ``bfloat16-allconvs`` runs the first and last convolution in bfloat16 too
+(the model's ``float32_convs`` emptied), ``bfloat16-oneterm`` uses the weights rounded to bfloat16
+instead of two-term weights (``split_weight_dtypes`` emptied). Run under
+``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` to use oneDNN's AVX512-BF16 kernels instead of AMX
+(float16 then fails on a CPU with AVX512-FP16: TensorFlow still routes it to oneDNN).
 
   .venv/bin/python benchmarks/bench_model.py [--repeats 15] [--patches 8]
       [--dtypes float32,bfloat16,float16] [--batches 1,4] [--xla_dtypes float32,bfloat16,float16]
@@ -31,6 +40,8 @@ CKPT = REPO / "sample_data/fib25/model/model.ckpt-27465036"
 IMAGE = REPO / "sample_data/fib25/training_sample2_crop.h5"
 ARGS = {"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8]}
 FOV = 33
+# bfloat16 variants accepted in --dtypes: the model attribute each one empties.
+VARIANTS = {"bfloat16-allconvs": "float32_convs", "bfloat16-oneterm": "split_weight_dtypes"}
 
 
 def cpu_model() -> str:
@@ -95,11 +106,17 @@ def main() -> None:
   if "float32" not in dtypes or 1 not in batches:
     parser.error("the baseline float32 at batch 1 must be in --dtypes and --batches")
   print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at start "
-        f"{os.getloadavg()[0]:.2f}")
+        f"{os.getloadavg()[0]:.2f}; ONEDNN_MAX_CPU_ISA="
+        f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '(default)')}")
 
   models = {}
   for dtype in dtypes:
-    models[(dtype, False)] = ffn.models.load(args.checkpoint, "convstack_3d", ARGS, dtype)
+    models[(dtype, False)] = ffn.models.load(args.checkpoint, "convstack_3d", ARGS,
+                                             dtype.split("-")[0])
+    if dtype in VARIANTS:
+      setattr(models[(dtype, False)].model, VARIANTS[dtype], ())
+    elif "-" in dtype:
+      parser.error(f"unknown --dtypes entry {dtype!r}")
   for dtype in xla_dtypes:
     models[(dtype, True)] = ffn.models.load(args.checkpoint, "convstack_3d", ARGS, dtype,
                                             jit_compile=True)
@@ -149,8 +166,10 @@ def main() -> None:
     got = np.concatenate([model(p[None]) for p in patches])
     diff = np.abs(got - ref)
     label = f"{dtype} XLA" if xla else dtype
+    move = np.log(0.9 / 0.1)
     print(f"{label:20s} max |diff| {diff.max():.2g}, median {np.median(diff):.2g}, "
-          f"sign agreement {np.mean((got > 0) == (ref > 0)):.5f}")
+          f"mean {np.mean(got - ref):+.2g}, sign agreement {np.mean((got > 0) == (ref > 0)):.5f}, "
+          f"same side of 0.9 {np.mean((got > move) == (ref > move)):.5f}")
 
 
 if __name__ == "__main__":
