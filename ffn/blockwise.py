@@ -46,7 +46,9 @@ resumes it), ``requeued`` (submitit's preemption/time-out signal USR2: state sav
 requeues the same task). Item states (:func:`compute_status`): ``done`` (``is_done``), ``running``
 (in progress in a live task), ``queued`` (assigned to a task that has not reached it yet),
 ``failed`` (its task failed, was interrupted, died -- no heartbeat, its process is gone, or Slurm's
-accounting says the job ended) and ``pending`` (never submitted). A task is one process: each
+accounting says the job ended) and ``pending`` (never submitted, or assigned to a ``debug`` task
+that never started because the submitting process -- which runs debug tasks itself -- ended: a
+rerun submits it again). A task is one process: each
 holds one block (plus context) at a time per concurrent slot, never the volume.
 """
 
@@ -538,8 +540,11 @@ def compute_status(run_dir: str | os.PathLike, items: Sequence[WorkItem],
     if data is None:
       if job_ended:
         return "failed", job_id, log, f"job ended ({accounted or 'no result'}) before the task started"
-      if not job_ids and _pid_alive(record.get("host"), record.get("pid")) is False:
-        return "failed", job_id, log, "never started (the submitting process ended)"
+      if _pid_alive(record.get("host"), record.get("pid")) is False:
+        if record.get("cluster") == "debug":  # its tasks run in the submitter: none will start
+          return "pending", job_id, log, "never started (the submitting debug process ended)"
+        if not job_ids:
+          return "failed", job_id, log, "never started (the submitting process ended)"
       return "queued", job_id, log, None
     log = data.get("log") or log
     state = data.get("state")
