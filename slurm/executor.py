@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -423,6 +424,14 @@ def make_executor(options: SlurmOptions, folder: str | Path) -> JobExecutor:
     params["slurm_additional_parameters"] = dict(options.extra)
   if options.setup:
     params["slurm_setup"] = list(options.setup)
+  if cluster == "local":
+    # submitit's local job controller opens <log root>/<job id>/<job id>_0_log.out as soon as it
+    # starts, but the submitting process creates that folder only after Popen returned (when it
+    # moves the job's pickle there): a controller quicker than its submitter failed with
+    # FileNotFoundError. With setup lines the controller runs in a shell whose pid is the job id
+    # (submitit's rule), so the shell makes the folder before the controller starts.
+    params["local_setup"] = [f'mkdir -p {shlex.quote(str(log_root))}/"$$"', *options.setup]
+  elif options.setup:
     params["local_setup"] = list(options.setup)
   executor.update_parameters(**params)
   _log.info("cluster: %s; job logs under %s/<job id>/", cluster, log_root)
