@@ -8,14 +8,14 @@ shipped crop ``training_sample2_crop.h5`` (the demo's box; with ``--data ../shar
 full volume at (75,75,75)), with google/ffn's fib25 request (PolicyPeaks,
 init 0.95, pad 0.05, move 0.9, segment 0.6, min size 1000, mean 128, stddev 33).
 ``--dtypes`` entries are ``compute_dtype`` values, plus two variants of bfloat16 to measure what its
-choices cost and buy: ``bfloat16-allconvs`` runs the first and last convolution in bfloat16 too
-(the model's ``float32_convs`` emptied), ``bfloat16-oneterm`` uses the weights rounded to bfloat16
-instead of two-term weights (``split_weight_dtypes`` emptied). Run it under ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` to use oneDNN's
-AVX512-BF16 kernels instead of AMX on a CPU that has both (what an AMD EPYC without AMX runs).
-Baseline measured
-in the same run: the median time of one bare network call (1x33^3, same dtype), so
-``overhead = total / (evaluations * call)`` shows what the flood fill adds around the network;
-``non_network_s`` (wall time minus time inside network calls) is the flood fill's own cost.
+choices cost and buy: ``bfloat16-allconvs`` runs the first and last convolution in bfloat16 too (the
+model's ``float32_convs`` emptied), ``bfloat16-oneterm`` uses the weights rounded to bfloat16
+instead of two-term weights (``split_weight_dtypes`` emptied). Run it under
+``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` to use oneDNN's AVX512-BF16 kernels instead of AMX on a CPU
+that has both (what an AMD EPYC without AMX runs). Baseline measured in the same run: the median
+time of one bare network call (1x33^3, same dtype), so ``overhead = total / (evaluations * call)``
+shows what the flood fill adds around the network; ``non_network_s`` (wall time minus time inside
+network calls) is the flood fill's own cost.
 google/ffn's code on this box (measured here earlier): VI split 0.597, VI merge 0.711,
 Rand error 0.198 (the *adapted* Rand error, 1 - Rand F-score), 24 labels (23 objects + unsegmented),
 23.7% unsegmented, 726 evaluations, ~75 s.
@@ -109,7 +109,7 @@ def main() -> None:
                       help="folder with training_sample2.h5 or training_sample2_crop.h5 and model/")
   parser.add_argument("--size", type=int, default=100)
   parser.add_argument("--start", default=None,
-                      help="box start x,y,z in the image's coordinates (default: the benchmark box)")
+                      help="box start x,y,z in the image's coordinates (default: benchmark box)")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--output_json", default=None)
   args = parser.parse_args()

@@ -1,11 +1,12 @@
 """The FFN model against google's own published TF1 graph and weights, and its reduced precision.
 
 The reference runs google's serialized graph (the ``.meta`` shipped with the fib25 checkpoint): the
-subgraph from the ``seed``/``patches`` placeholders to the ``add`` node that yields the logits is cut
-out of the MetaGraphDef (the full graph cannot be imported because it holds Google-internal input
-ops such as ``SSTableReaderV2``), its ``VariableV2`` nodes are replaced by the checkpoint values,
-and it is run in a ``tf.compat.v1.Session``. Only that test needs ``../shared/data`` (the ``.meta``
-does not ship); everything else runs on the checkpoint and crop shipped in ``sample_data/fib25``.
+subgraph from the ``seed``/``patches`` placeholders to the ``add`` node that yields the logits is
+cut out of the MetaGraphDef (the full graph cannot be imported because it holds Google-internal
+input ops such as ``SSTableReaderV2``), its ``VariableV2`` nodes are replaced by the checkpoint
+values, and it is run in a ``tf.compat.v1.Session``. Only that test needs ``../shared/data`` (the
+``.meta`` does not ship); everything else runs on the checkpoint and crop shipped in
+``sample_data/fib25``.
 
 Reduced precision (bfloat16, float16; with and without XLA) is checked against a float64 forward
 pass of the same weights with a tolerance derived from the arithmetic, not read off one CPU:
@@ -16,13 +17,14 @@ rounded, their products accumulated in the half type (the worst case: oneDNN acc
 float32, Eigen's CPU kernels without AVX512-FP16 (AMD EPYC) in float16, XLA in float32), outputs
 rounded, float32 bias and residual additions rounded. The rounding of the weights themselves is
 not random: it is applied exactly (the reference runs on the weights as the model represents
-them in the compute dtype, ``weight_terms``). Modelling rounding errors as independent, zero-mean and bounded by ``u`` times the
-exact value (the standard probabilistic model of rounding error analysis, Higham & Mary 2019),
-the error of each logit is to first order a sum of many such terms, about normal with variance at
-most the probes' mean square at that voxel; the ratio of the error to the probes' rms then stays
-below Student's t quantile for ``probes`` degrees of freedom at ``1 - P_FAIL / (2 * voxels)``.
-For sums of products accumulated in the half type, the partial sums' energy is the one of a
-random summation order, ``n * (sum t^2 / 6 + (sum t)^2 / 3)`` for ``n`` terms ``t``.
+them in the compute dtype, ``weight_terms``). Modelling rounding errors as independent,
+zero-mean and bounded by ``u`` times the exact value (the standard probabilistic model of
+rounding error analysis, Higham & Mary 2019), the error of each logit is to first order a sum of
+many such terms, about normal with variance at most the probes' mean square at that voxel; the
+ratio of the error to the probes' rms then stays below Student's t quantile for ``probes``
+degrees of freedom at ``1 - P_FAIL / (2 * voxels)``. For sums of products accumulated in the
+half type, the partial sums' energy is the one of a random summation order,
+``n * (sum t^2 / 6 + (sum t)^2 / 3)`` for ``n`` terms ``t``.
 
 ``python tests/test_models.py`` regenerates ``tests/data/fib25_logits_golden.npz`` (needs
 ``../shared/data``).
@@ -50,8 +52,11 @@ FIB25_ARGS = {"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8]}
 CROP_START_ZYX = (100, 100, 100)  # in training_sample2 (the golden file's coordinates)
 SUBSAMPLE = 4  # golden file keeps every 4th voxel along each axis
 
-# Unit roundoff u (half the gap between 1 and the next number) of each compute dtype.
+# Unit roundoff u (half the gap between 1 and the next number) of each compute dtype, and half
+# the gap between its subnormal numbers (the absolute error of rounding a tiny value): rounding
+# v to nearest errs by at most u * |v| + ETA.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+ETA = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}
 # Probability, under the rounding-error model, that a correct computation fails a bound test.
 P_FAIL = 1e-6
 
@@ -142,9 +147,9 @@ def float64_forward(model, x: np.ndarray, compute_dtype: str = "float32", probes
     dtype = model.conv_dtype(name, low)
     terms = [tf.cast(w, tf.float64).numpy() for w in model.weight_terms(name, low)]
     b = layer.biases.numpy().astype(np.float64)
-    u = UNIT_ROUNDOFF[dtype.name]
+    u, eta = UNIT_ROUNDOFF[dtype.name], ETA[dtype.name]
     if dtype != tf.float32:  # the input is rounded to the compute dtype
-      ak = ak + u * tile(tf.abs(a0)) * sign(ak)
+      ak = ak + (u * tile(tf.abs(a0)) + eta) * sign(ak)
     y0, yk = 0, 0
     for w in terms:  # one convolution per weight term, each output cast to float32
       t0 = conv3d(a0, w)
@@ -154,7 +159,7 @@ def float64_forward(model, x: np.ndarray, compute_dtype: str = "float32", probes
       energy = n * (conv3d(a0 * a0, w * w) / 6 + t0 * t0 / 3)
       tk = tk + u * tile(tf.sqrt(energy)) * sign(tk)
       if dtype != tf.float32:  # the output is rounded to the compute dtype, then cast up exactly
-        tk = tk + u * tile(tf.abs(t0)) * sign(tk)
+        tk = tk + (u * tile(tf.abs(t0)) + eta) * sign(tk)
       y0, yk = y0 + t0, yk + tk
     if len(terms) > 1:  # their float32 sum
       yk = yk + f32 * tile(tf.abs(y0)) * sign(yk)
@@ -258,7 +263,7 @@ def test_fib25_reduced_precision_within_rounding_bound(fib25_small, dtype):
   assert got.dtype == np.float32 and np.isfinite(got).all()
   want, deviations = refs[dtype]
   ratio, bound = rounding_error_ratio(got, want, deviations)
-  assert ratio < bound, f"{dtype}: error {ratio:.2f} x the simulated rounding error (bound {bound:.2f})"
+  assert ratio < bound, f"{dtype}: error {ratio:.2f} x simulated rounding error (bound {bound:.2f})"
   # It really ran in reduced precision: float32 arithmetic could not be this far from float64.
   ratio32, bound32 = rounding_error_ratio(got, *refs["float32"])
   assert ratio32 > bound32
@@ -341,7 +346,7 @@ def test_tiny_within_rounding_bound(tiny_checkpoint, dtype, jit):
   assert got.dtype == np.float32 and got.shape == (2, 9, 9, 9, 1)
   want, deviations = float64_forward(model.model, x, dtype, TINY_PROBES, seed=2)
   ratio, bound = rounding_error_ratio(got, want, deviations)
-  assert ratio < bound, f"{dtype}: error {ratio:.2f} x the simulated rounding error (bound {bound:.2f})"
+  assert ratio < bound, f"{dtype}: error {ratio:.2f} x simulated rounding error (bound {bound:.2f})"
   if dtype != "float32":  # really ran in reduced precision: float32 could not be this far off
     ratio32, bound32 = rounding_error_ratio(got, *float64_forward(model.model, x, "float32",
                                                                   TINY_PROBES, seed=2))
@@ -357,6 +362,26 @@ def test_tiny_float16_closer_than_bfloat16(tiny_checkpoint):
     model = ffn.models.load(tiny_checkpoint, "convstack_3d", TINY_ARGS, dtype)
     errors[dtype] = rms(model(x) - float64_forward(model.model, x, dtype)[0])
   assert 0 < errors["float16"] < errors["bfloat16"]  # 10 mantissa bits beat bfloat16's 7
+
+
+def test_weight_terms_sum_to_weights(fib25_model):
+  """Rounding to nearest: |w - hi| <= u|w| (+ ETA), lo = rn(w - hi) leaves u|w - hi| <= u^2|w|."""
+  import tensorflow as tf
+  model = fib25_model.model
+  for dtype, terms, u in ((tf.float32, 1, 0.0), (tf.float16, 1, UNIT_ROUNDOFF["float16"]),
+                          (tf.bfloat16, 2, UNIT_ROUNDOFF["bfloat16"]**2)):
+    for name, conv in model.convs.items():
+      got = model.weight_terms(name, dtype)
+      w = conv.weights.numpy().astype(np.float64)
+      if name in model.float32_convs:
+        assert len(got) == 1 and got[0].dtype == tf.float32
+        np.testing.assert_array_equal(got[0].numpy(), w)
+        continue
+      assert len(got) == terms and all(t.dtype == dtype for t in got)
+      total = sum(tf.cast(t, tf.float64).numpy() for t in got)
+      error = np.abs(total - w)
+      assert np.all(error <= u * np.abs(w) + terms * ETA[dtype.name]), (name, dtype.name)
+  assert set(model.float32_convs) == {"conv0_a", "conv_lom"}
 
 
 def test_bound_rejects_wrong_weights(tiny_checkpoint):
