@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--concurrent_requests", type=int, default=None,
                       help="chunks segmented at once in a task (default: the request's, 1)")
   parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
-                      help="network arithmetic (see run_inference; bfloat16 ~3x faster on AMX CPUs)")
+                      help="network arithmetic (see run_inference; bfloat16 ~2x faster on AMX CPUs)")
   parser.add_argument("--jit_compile", action="store_true", help="compile with XLA (GPUs)")
   parser.add_argument("--wait", action="store_true",
                       help="wait for the array, showing progress (chunks, voxels/s, ETA)")

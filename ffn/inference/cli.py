@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="subvolumes segmented at once (default: the request's "
                            "concurrent_requests, 1)")
   parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
-                      help="network arithmetic: bfloat16 is ~3x faster on CPUs with AVX512-BF16/AMX; "
+                      help="network arithmetic: bfloat16 is ~2x faster on CPUs with AMX (not without); "
                            "float16 is meant for GPUs (slower than float32 on CPU); both change "
                            "results slightly")
   parser.add_argument("--jit_compile", action="store_true",
