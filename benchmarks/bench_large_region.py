@@ -162,9 +162,12 @@ def main() -> None:
   unchunked = load_unchunked(unchunked_dir, box)
   if unchunked is None:
     request = write_request(unchunked_dir / "request.pbtxt", unchunked_dir)
-    timings["unchunked_s"] = ffn_command(["run_inference", "--inference_request", str(request),
-                                          *common], unchunked_dir / "run_inference.log")
+    seconds = ffn_command(["run_inference", "--inference_request", str(request), *common],
+                          unchunked_dir / "run_inference.log")
+    (unchunked_dir / "seconds.json").write_text(json.dumps({"unchunked_s": seconds}) + "\n")
     unchunked = load_unchunked(unchunked_dir, box)
+  if (unchunked_dir / "seconds.json").exists():  # also when reused: the time it took then
+    timings.update(json.loads((unchunked_dir / "seconds.json").read_text()))
   print(f"unchunked: {unchunked_dir}", flush=True)
 
   request = write_request(run / "request.pbtxt", run / "seg")
