@@ -29,9 +29,10 @@ split/merge, adapted Rand error) and two counts of ground-truth bodies, defined 
   the method splits where the unchunked run kept it whole (anywhere: seeding order also differs
   inside chunks).
 * ``bodies cut at seams``: the subset where two such voxels with different method ids are face
-  neighbours (6-connectivity) and at least one of the two lies in a chunk overlap (a voxel inside
-  more than one chunk's box): the cut lies where chunks meet, which is where first-writer-wins puts
-  its seams (the overlap's far edge) and where stitching splits ownership (the overlap's middle).
+  neighbours (6-connectivity) on the two sides of a seam plane: a chunk face (where
+  first-writer-wins switches from one chunk's labels to the next) or the middle of two
+  neighbouring chunks' overlap (where stitching switches owners). Cuts elsewhere (seeding order
+  differs inside chunks too) are not counted.
 
 Prints one JSON line per method, a Markdown table, and writes all of it to ``--json``.
 """
@@ -89,23 +90,29 @@ def chunk_boxes(box: BoundingBox, size: int, overlap: int) -> list[BoundingBox]:
   return split_box(box, (size,) * 3, (overlap,) * 3)
 
 
-def overlap_mask(box: BoundingBox, chunks: list[BoundingBox]) -> np.ndarray:
-  """True (z,y,x over ``box``) where a voxel lies inside more than one chunk's box."""
-  cover = np.zeros(tuple(int(v) for v in box.size[::-1]), np.uint8)
-  for chunk in chunks:
-    lo = [int(c) - int(b) for c, b in zip(chunk.start[::-1], box.start[::-1])]
-    cover[tuple(slice(l, l + int(n)) for l, n in zip(lo, chunk.size[::-1]))] += 1
-  return cover > 1
+def seam_planes(box: BoundingBox, chunks: list[BoundingBox]) -> list[list[int]]:
+  """Per axis (z,y,x), the box-relative coordinates q where voxels q-1 and q lie on two sides of a
+  chunk face (where first-writer-wins switches chunks) or of an ownership boundary (the middle
+  ``(s_i + e_{i-1}) // 2`` of two neighbouring chunks' overlap, where stitching switches)."""
+  planes = []
+  for a in range(3):
+    lo, n = int(box.start[::-1][a]), int(box.size[::-1][a])
+    starts = sorted({int(c.start[::-1][a]) - lo for c in chunks})
+    ends = sorted({int(c.start[::-1][a]) + int(c.size[::-1][a]) - lo for c in chunks})
+    middles = [(s + e) // 2 for s, e in zip(starts[1:], ends[:-1])]
+    planes.append(sorted({q for q in starts + ends + middles if 0 < q < n}))
+  return planes
 
 
 def bodies_cut(method: np.ndarray, unchunked: np.ndarray, gt: np.ndarray,
-               seam: np.ndarray) -> tuple[int, int]:
+               planes: list[list[int]]) -> tuple[int, int]:
   """(bodies split, bodies cut at seams) of ``method`` relative to ``unchunked`` (all z,y,x).
 
   A ground-truth body b (id != 0) is *split* when some object u != 0 of the unchunked run has,
   among the voxels of b inside u where ``method`` is non-zero, at least two distinct method ids.
   It is *cut at a seam* when moreover two face-adjacent voxels v, w both in b and in the same u,
-  with non-zero and different method ids, exist with v or w in ``seam`` (a chunk overlap).
+  with non-zero and different method ids, lie on the two sides of a seam plane (``planes``, from
+  :func:`seam_planes`).
   """
   triples = np.stack([gt.ravel(), unchunked.ravel().astype(np.int64),
                       method.ravel().astype(np.int64)])
@@ -115,12 +122,14 @@ def bodies_cut(method: np.ndarray, unchunked: np.ndarray, gt: np.ndarray,
   split = set(np.unique(pairs[0, counts > 1]).tolist())
   cut: set[int] = set()
   for axis in range(3):
-    lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
-    hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
-    where = ((gt[lo] != 0) & (gt[lo] == gt[hi]) & (unchunked[lo] != 0)
-             & (unchunked[lo] == unchunked[hi]) & (method[lo] != 0) & (method[hi] != 0)
-             & (method[lo] != method[hi]) & (seam[lo] | seam[hi]))
-    cut.update(np.unique(gt[lo][where]).tolist())
+    q = np.asarray(planes[axis], np.int64)
+    if not q.size:
+      continue
+    lo = [np.take(x, q - 1, axis=axis) for x in (gt, unchunked, method)]
+    hi = [np.take(x, q, axis=axis) for x in (gt, unchunked, method)]
+    where = ((lo[0] != 0) & (lo[0] == hi[0]) & (lo[1] != 0) & (lo[1] == hi[1]) & (lo[2] != 0)
+             & (hi[2] != 0) & (lo[2] != hi[2]))
+    cut.update(np.unique(lo[0][where]).tolist())
   return len(split), len(cut)
 
 
@@ -199,7 +208,7 @@ def main() -> None:
   corners = [(tuple(int(v) for v in c.start[::-1]), tuple(int(v) for v in c.size[::-1]))
              for c in chunks]
   fww = first_writer_wins(run / "seg", corners, tuple(int(v) for v in box.start[::-1]), gt.shape)
-  seam = overlap_mask(box, chunks)
+  planes = seam_planes(box, chunks)
   summary = json.loads((run / f"{output.name}.stitch" / "summary.json").read_text())
   tasks = [json.loads(t.read_text()) for t in (run / "seg" / "batch" / "tasks").glob("*.json")]
   timings["batch_tasks_wall_s"] = max(t["ended"] for t in tasks) - min(t["started"] for t in tasks)
@@ -209,7 +218,7 @@ def main() -> None:
   for method, labels in (("unchunked", unchunked), ("stitched", stitched),
                          ("first-writer-wins", fww)):
     scores = evaluate(labels, gt)
-    split, cut = bodies_cut(labels, unchunked, gt, seam)
+    split, cut = bodies_cut(labels, unchunked, gt, planes)
     rows.append({"method": method, "segments": scores["segments"],
                  "vi_split": round(scores["vi_split"], 4) + 0.0,
                  "vi_merge": round(scores["vi_merge"], 4) + 0.0,
