@@ -50,7 +50,7 @@ from ffn.cli import main
 from ffn.inference import storage
 
 WINDOW = (1200, 900)  # width, height (CSS pixels = screenshot pixels)
-LOAD_TIMEOUT_S = 240.0  # bounded wait for the viewer to load: ~20 s idle, >90 s seen at load 12-20 on 2 cores
+LOAD_TIMEOUT_S = 120.0  # bounded wait for the viewer to load (~5 s per view on an idle 2-core machine)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
                   "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-extensions",

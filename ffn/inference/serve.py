@@ -74,9 +74,10 @@ def neuroglancer_url(base_url: str, layers: list[tuple[str, str]]) -> str:
   return f"{NEUROGLANCER_CLIENT}#!{fragment}"
 
 
-def start_local_client(state: dict, bind: str, port: int) -> str:
+def start_local_client(state: dict, bind: str, port: int) -> tuple[object, str]:
   """Starts Neuroglancer's Python server (a background thread) hosting the bundled client with
-  ``state``; returns the viewer link."""
+  ``state``; returns the viewer and its link. The caller must keep the viewer referenced while it
+  serves: Neuroglancer's server holds viewers weakly, and a collected one answers 404."""
   try:
     import neuroglancer
   except ImportError:
@@ -86,7 +87,7 @@ def start_local_client(state: dict, bind: str, port: int) -> str:
   try:
     viewer = neuroglancer.Viewer()  # starts the server
     viewer.set_state(state)
-    return viewer.get_viewer_url()
+    return viewer, viewer.get_viewer_url()
   except OSError as e:
     raise FFNError(f"--client local: cannot listen on {bind}:{port} ({e.strerror or e}); "
                    "choose another --client_port") from None
@@ -117,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
   with server:
     port = server.server_address[1]
     base = f"http://{'localhost' if args.bind in ('127.0.0.1', '0.0.0.0') else args.bind}:{port}"
-    link = None
+    link, viewer = None, None
     if layers and args.client == "local":
       client_port = args.client_port if args.client_port is not None else (port + 1 if args.port else 0)
-      url = start_local_client(layer_state(base, layers), args.bind, client_port)
+      viewer, url = start_local_client(layer_state(base, layers), args.bind, client_port)
       link = f"open in Neuroglancer (local client): {url}"
     elif layers:
       link = f"open in Neuroglancer: {neuroglancer_url(base, layers)}"
@@ -129,4 +130,5 @@ def run(args: argparse.Namespace) -> int:
       print(link)
     sys.stdout.flush()
     server.serve_forever()
+  del viewer  # referenced until here, so the local client's link keeps answering
   return 0
