@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-
-import h5py
 
 from ffn.axes import BoundingBox, parse_xyz, split_box, xyz_to_zyx
 from ffn.errors import FFNError
 from ffn.io.atomic import check_writable_dir
-from ffn.io.volumes import VolumeSpec, parse_spec, write_spec
+from ffn.io.volumes import VolumeSpec, h5_has_dataset, parse_spec, write_spec
 from ffn.progress import track
 
 _log = logging.getLogger(__name__)
@@ -42,17 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "run_inference): one consensus per subvolume")
   parser.add_argument("--overlap", default="0,0,0",
                       help="overlap 'x,y,z' of those subvolumes (as given to run_inference)")
-
-
-def _h5_has(spec: VolumeSpec) -> bool:
-  """Whether the HDF5 file of ``spec`` exists and holds its dataset."""
-  if not os.path.exists(spec.path):
-    return False
-  try:
-    with h5py.File(spec.path, "r") as f:
-      return spec.dataset in f
-  except OSError as e:
-    raise FFNError(f"{spec.path}: not a readable HDF5 file ({e})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +69,7 @@ def _one(request, box: BoundingBox, h5: VolumeSpec | None, h5_text: str | None) 
   from ffn.inference import storage
   corner, shape = xyz_to_zyx(box.start.tolist()), xyz_to_zyx(box.size.tolist())
   done = storage.existing_segmentation_path(request.segmentation_output_dir, corner)
-  h5_done = h5 is None or _h5_has(h5)
+  h5_done = h5 is None or h5_has_dataset(h5.path, h5.dataset)
   if done and h5_done:
     _log.info("already done: %s", done)
     return

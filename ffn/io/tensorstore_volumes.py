@@ -35,7 +35,7 @@ import numpy as np
 
 from ffn.errors import FFNError
 from ffn.io.atomic import atomic_path, check_writable_dir
-from ffn.io.volumes import H5_SUFFIXES, open_h5_dataset, parse_spec
+from ffn.io.volumes import H5_SUFFIXES, h5_has_dataset, open_h5_dataset, parse_spec
 
 FORMATS = ("h5", "zarr", "precomputed")
 _TS_DRIVERS = {"zarr": "zarr", "neuroglancer_precomputed": "precomputed"}
@@ -189,13 +189,7 @@ def labels_exist(spec: LabelsSpec) -> bool:
   """Whether the output is already there (HDF5: the dataset in the file; others: the path)."""
   if spec.format != "h5":
     return os.path.exists(spec.path)
-  if not os.path.exists(spec.path):
-    return False
-  try:
-    with h5py.File(spec.path, "r") as f:
-      return spec.dataset in f
-  except OSError as e:
-    raise FFNError(f"{spec.path}: not a readable HDF5 file ({e})") from None
+  return h5_has_dataset(spec.path, spec.dataset)
 
 
 def create_labels(spec: LabelsSpec, layout: LabelsLayout) -> None:

@@ -314,6 +314,17 @@ def read_volume(spec: str | VolumeSpec, box: BoundingBox | None = None,
     return vol.read_box(box) if box is not None else vol.read_all()
 
 
+def h5_has_dataset(path: str, dataset: str) -> bool:
+  """Whether the HDF5 file ``path`` exists and holds ``dataset`` (an unreadable file is an FFNError)."""
+  if not os.path.exists(path):
+    return False
+  try:
+    with h5py.File(path, "r") as f:
+      return dataset in f
+  except OSError as e:
+    raise FFNError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
 def write_h5(path: str, dataset: str, data: np.ndarray, attrs: dict | None = None,
              compression: str | None = "gzip", chunks: bool | tuple = True) -> None:
   """Writes ``data`` as ``path:dataset`` atomically.
