@@ -41,16 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ffn.axes import BoundingBox, parse_xyz, split_box  # noqa: E402
+from ffn.demo import write_sample_request  # noqa: E402
 from ffn.inference import storage  # noqa: E402
 from ffn.inference.request import format_bounding_box  # noqa: E402
 
 
 def _request(path: Path, out: Path) -> str:
-  text = (REPO / "configs" / "inference_training_sample2.pbtxt").read_text()
-  text = text.replace('"sample_data/', f'"{REPO}/sample_data/')
-  text = text.replace('"results/fib25/training2"', json.dumps(str(out)))
-  path.write_text(text)
-  return str(path)
+  return str(write_sample_request(path, out))
 
 
 def _ffn(*args: str) -> float:

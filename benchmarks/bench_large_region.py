@@ -65,12 +65,8 @@ SAMPLE = REPO / "sample_data" / "fib25" / "training_sample2_crop.h5"
 
 def write_request(path: Path, output_dir: Path) -> Path:
   """configs/inference_training_sample2.pbtxt with absolute sample paths and ``output_dir``."""
-  text = (REPO / "configs" / "inference_training_sample2.pbtxt").read_text()
-  text = text.replace('"sample_data/', f'"{REPO}/sample_data/')
-  text = text.replace('"results/fib25/training2"', json.dumps(str(output_dir)))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
-  return path
+  from ffn.demo import write_sample_request
+  return write_sample_request(path, output_dir)
 
 
 def ffn_command(args: list[str], log: Path) -> float:

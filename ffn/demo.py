@@ -44,17 +44,23 @@ def _cli(argv: list[str]) -> int:
   return main(argv)
 
 
-def write_demo_request(output_dir: Path) -> Path:
-  """The template request with absolute sample paths and output under ``output_dir``."""
+def write_sample_request(path: Path, segmentation_output_dir: Path) -> Path:
+  """Writes to ``path`` configs/inference_training_sample2.pbtxt with absolute paths to the shipped
+  sample and model and results in ``segmentation_output_dir`` (used by the demo, benchmarks, tests)."""
   from ffn.inference.request import load_request
   request = load_request(str(REQUEST_TEMPLATE))
   image_path, dataset = request.image.hdf5.split(":")
   request.image.hdf5 = f"{REPO_ROOT / image_path}:{dataset}"
   request.model_checkpoint_path = str(REPO_ROOT / request.model_checkpoint_path)
-  request.segmentation_output_dir = str(output_dir / "segmentation")
-  path = output_dir / "request.pbtxt"
+  request.segmentation_output_dir = str(segmentation_output_dir)
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
   write_text_atomic(path, text_format.MessageToString(request))
-  return path
+  return Path(path)
+
+
+def write_demo_request(output_dir: Path) -> Path:
+  """The demo's request: the sample request with results under ``output_dir/segmentation``."""
+  return write_sample_request(output_dir / "request.pbtxt", output_dir / "segmentation")
 
 
 def normalisation_note(request_path: Path, sample_mean: float, sample_stddev: float) -> str:

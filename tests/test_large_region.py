@@ -41,6 +41,7 @@ import submitit
 from ffn.axes import BoundingBox, split_box
 from ffn.blockwise import WorkItem, Worker, compute_status, plan
 from ffn.cli import main
+from ffn.demo import write_sample_request
 from ffn.inference import storage
 from ffn.inference.request import format_bounding_box
 from ffn.io.atomic import write_text_atomic
@@ -60,11 +61,7 @@ ARE_BOUND = 0.02  # the issue's bound on |adapted RE(stitched) - adapted RE(unch
 
 def _request(path: Path, out: Path) -> str:
   """configs/inference_training_sample2.pbtxt with absolute sample paths and output ``out``."""
-  text = (REPO / "configs" / "inference_training_sample2.pbtxt").read_text()
-  text = text.replace('"sample_data/', f'"{REPO}/sample_data/')
-  text = text.replace('"results/fib25/training2"', json.dumps(str(out)))
-  path.write_text(text)
-  return str(path)
+  return str(write_sample_request(path, out))
 
 
 def _slurm_flags(job_name: str) -> list[str]:
