@@ -143,3 +143,99 @@ def test_read_h5_box_corner_channels_and_outside(tmp_path):
     read_label_box(f"{tmp_path}/v.h5:w", (0, 0, 0), (1, 1, 1), what="init_segmentation")
   with pytest.raises(FFNError, match="negative ids"):
     read_label_box(f"{tmp_path}/v.h5:neg", (0, 0, 0), (2, 2, 2))
+
+
+def _open_fds_to(path) -> int:
+  target = os.path.realpath(path)
+  count = 0
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      count += os.path.realpath(f"/proc/self/fd/{fd}") == target
+    except OSError:
+      pass
+  return count
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 4, 5, 6), (7,)])
+def test_non_3d_hdf5_dataset_is_one_ffnerror_and_closes_the_file(tmp_path, shape):
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["raw"] = np.zeros(shape, np.uint8)
+  with pytest.raises(FFNError, match=rf"v.h5:raw: expected a 3D \(z,y,x\) volume, got shape "
+                                     rf"\[{', '.join(map(str, shape))}\]"):
+    volumes.Volume(f"{tmp_path}/v.h5:raw")
+  assert _open_fds_to(tmp_path / "v.h5") == 0
+
+
+def test_4d_hdf5_needs_channels_and_reads_channel_first(tmp_path):
+  data = np.arange(3 * 4 * 5 * 6, dtype=np.int32).reshape(3, 4, 5, 6)  # channel,z,y,x
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["v"] = data
+  spec = f"{tmp_path}/v.h5:v"
+  with pytest.raises(FFNError, match=r"expected a 3D \(z,y,x\) volume, got shape \[3, 4, 5, 6\]"):
+    volumes.Volume(spec)
+  with volumes.Volume(spec, channels=True) as vol:
+    assert vol.shape == (4, 5, 6) and vol.num_channels == 3
+    np.testing.assert_array_equal(vol[1:3, :, 2], data[0, 1:3, :, 2])
+    np.testing.assert_array_equal(vol.read_channels(slice(1, 3), (slice(0, 2),) * 3), data[1:3, :2, :2, :2])
+  with volumes.Volume(volumes.VolumeSpec(f"{tmp_path}/v.h5", "v", channel=2)) as vol:
+    np.testing.assert_array_equal(vol.read_all(), data[2])
+  with pytest.raises(FFNError, match="no channel 3 \\(the volume has 3"):
+    volumes.Volume(volumes.VolumeSpec(f"{tmp_path}/v.h5", "v", channel=3))
+
+
+def test_empty_volume_is_refused(tmp_path):
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["raw"] = np.zeros((0, 4, 4), np.uint8)
+  with pytest.raises(FFNError, match=r"v.h5:raw: the volume is empty \(shape \[4, 4, 0\]"):
+    volumes.Volume(f"{tmp_path}/v.h5:raw")
+
+
+def test_tiff_with_colour_pages_is_refused_and_closed(tmp_path):
+  import tifffile
+  tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((2, 4, 5, 3), np.uint8), photometric="rgb")
+  with pytest.raises(FFNError, match="rgb.tif: expected a single-channel 2D slice, got shape \\(4, 5, 3\\)"):
+    volumes.Volume(str(tmp_path / "rgb.tif"))
+  assert _open_fds_to(tmp_path / "rgb.tif") == 0
+
+
+def _write_tensorstore(spec: dict, data: np.ndarray) -> None:
+  import tensorstore as ts
+  ts.open(spec, create=True).result()[...] = data
+
+
+def test_tensorstore_specs_read_lazily_like_hdf5(tmp_path):
+  from ffn.io import tensorstore_volumes as tv
+  data = np.random.default_rng(3).integers(0, 255, (6, 7, 8), dtype=np.uint8)  # z,y,x
+  _write_tensorstore({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a.zarr")},
+                      "metadata": {"dtype": "|u1", "shape": [6, 7, 8], "chunks": [3, 3, 3]}}, data)
+  _write_tensorstore({"driver": "n5", "kvstore": {"driver": "file", "path": str(tmp_path / "a.n5")},
+                      "metadata": {"dataType": "uint8", "dimensions": [6, 7, 8], "blockSize": [3, 3, 3],
+                                   "compression": {"type": "raw"}}}, data)
+  layer = tv.parse_labels_spec(f"precomputed://{tmp_path}/p")
+  tv.create_labels(layer, tv.LabelsLayout((6, 7, 8), offset_zyx=(10, 20, 30), chunk_zyx=(4, 4, 4)))
+  tv.LabelsWriter(layer).write((10, 20, 30), data.astype(np.uint64))
+  json_spec = '{"driver": "zarr", "kvstore": "file://%s/a.zarr"}' % tmp_path
+  box = BoundingBox((1, 2, 3), (5, 4, 2))  # x,y,z
+  for spec in (f"zarr://{tmp_path}/a.zarr", f"n5://{tmp_path}/a.n5", f"precomputed://{tmp_path}/p",
+               json_spec, f"vol1:zarr://{tmp_path}/a.zarr"):
+    with volumes.Volume(spec) as vol:
+      assert vol.shape == (6, 7, 8), spec
+      np.testing.assert_array_equal(vol.read_box(box), data[3:5, 2:6, 1:6])
+      with pytest.raises(FFNError, match="outside the volume"):
+        vol.read_box(BoundingBox((0, 0, 0), (9, 1, 1)))
+  assert volumes.parse_spec(f"vol1:zarr://{tmp_path}/a.zarr").name == "vol1"
+  np.testing.assert_array_equal(volumes.read_h5_box(f"zarr://{tmp_path}/a.zarr", (5, 6, 7), (2, 2, 2),
+                                                    fill_outside=True)[0, 0], [data[5, 6, 7], 0])
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("zarr://{tmp}/none.zarr", "none.zarr: file or directory not found"),
+    ("gs3://bucket/x", "unknown scheme 'gs3://'"),
+    ("zarr://", "no path after zarr://"),
+    ('{"driver": "zarr", "kvstore"', "not valid JSON"),
+    ("zarr://{tmp}", "cannot open as a TensorStore volume"),
+])
+def test_bad_tensorstore_specs_are_one_line(tmp_path, spec, message):
+  with pytest.raises(FFNError, match=message) as e:
+    volumes.Volume(spec.replace("{tmp}", str(tmp_path)))
+  assert "\n" not in str(e.value)

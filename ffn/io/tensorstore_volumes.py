@@ -1,4 +1,8 @@
-"""Label volumes too large for one array: Zarr and Neuroglancer precomputed (TensorStore), HDF5.
+"""Volumes too large for one array: Zarr, N5 and Neuroglancer precomputed (TensorStore), HDF5.
+
+Input volumes (any ``zarr://``, ``n5://``, ``precomputed://`` or TensorStore JSON volume spec of
+:mod:`ffn.io.volumes`) are opened read-only by :func:`open_volume_array`, as a lazy array that
+:class:`ffn.io.volumes.Volume` reads box by box.
 
 Output specs (what ``--output`` of ``ffn stitch`` accepts):
 
@@ -152,6 +156,46 @@ def sharding_for(grid_chunks_zyx: Sequence[int], shard_chunks_zyx: Sequence[int]
           "preshift_bits": low - minishard, "minishard_bits": minishard,
           "shard_bits": sum(bits) - low, "minishard_index_encoding": "gzip",
           "data_encoding": "gzip"}
+
+
+def _open_spec(spec) -> dict:
+  """The TensorStore spec (JSON) of an input ``VolumeSpec`` with a ``scheme``."""
+  if spec.scheme == "json":
+    try:
+      data = json.loads(spec.path)
+    except ValueError as e:
+      raise FFNError(f"volume spec {spec.path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "driver" not in data:
+      raise FFNError(f"volume spec {spec.path}: a TensorStore spec is a JSON object with a 'driver'")
+    return data
+  path = os.path.abspath(spec.path)
+  if not os.path.exists(path):
+    raise FFNError(f"{spec}: file or directory not found")
+  if spec.scheme == "zarr":
+    driver = "zarr3" if os.path.exists(os.path.join(path, "zarr.json")) else "zarr"
+  else:
+    driver = {"n5": "n5", "precomputed": "neuroglancer_precomputed"}[spec.scheme]
+  return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
+
+
+def open_volume_array(spec):
+  """A read-only, lazy TensorStore array of the input volume ``spec`` (a ``VolumeSpec`` with a
+  ``scheme``), indexed from 0: z,y,x or channel,z,y,x as stored for Zarr/N5 and JSON specs of
+  other drivers; a Neuroglancer precomputed volume's x,y,z,channel is transposed to
+  channel,z,y,x and its single channel dropped; a ``voxel_offset`` is removed (index 0 is the
+  first stored voxel). FFNError when it cannot be opened.
+  """
+  import tensorstore as ts
+  data = _open_spec(spec)
+  try:
+    store = ts.open(data, read=True, open=True, context=_context()).result()
+  except (ValueError, RuntimeError) as e:
+    raise FFNError(f"{spec}: cannot open as a TensorStore volume ({e})") from None
+  if data.get("driver") == "neuroglancer_precomputed":
+    store = store.T
+    if store.shape[0] == 1:
+      store = store[0]
+  return store.translate_to[0]
 
 
 def _context():

@@ -1,16 +1,22 @@
 """Volume specs and lazy, chunked volume access.
 
-Spec syntax (google/ffn compatible, plus image stacks):
+Spec syntax (google/ffn compatible, plus image stacks and TensorStore):
 
 * ``path.h5:dataset`` -- an HDF5 dataset;
 * ``name:path.h5:dataset`` -- the same, with a volume name (used by coordinate files and training
   flags such as ``--data_volumes``);
 * ``dir/`` or ``dir/*.png`` -- a stack of 2D PNG/TIFF slices, one per z, in natural name order
   (``img2.png`` before ``img10.png``);
-* ``volume.tif`` -- a multi-page TIFF, one page per z.
+* ``volume.tif`` -- a multi-page TIFF, one page per z;
+* ``zarr://path``, ``n5://path``, ``precomputed://path`` (optionally ``name:`` in front) or a
+  TensorStore JSON spec (``{"driver": ..., "kvstore": ...}``) -- read through TensorStore
+  (:mod:`ffn.io.tensorstore_volumes`).
 
-All arrays are z,y,x (:mod:`ffn.axes`). Reads of a box never load the whole volume: HDF5 reads only
-the chunks that intersect the box, and image stacks read only the slices in the z range.
+All arrays are z,y,x (:mod:`ffn.axes`). A volume is 3D (z,y,x) or, where channels make sense
+(images, masks, shift masks), 4D (channel,z,y,x, google/ffn's layout; a Neuroglancer precomputed
+volume's x,y,z,channel is presented the same way). Reads of a box never load the whole volume:
+HDF5 and TensorStore read only the chunks that intersect the box, image stacks only the slices in
+the z range.
 """
 
 from __future__ import annotations
@@ -30,26 +36,61 @@ from ffn.io.atomic import atomic_path
 
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".h5py")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+TENSORSTORE_SCHEMES = ("zarr", "n5", "precomputed")
 
 
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
-  """A parsed volume spec. ``dataset`` is None for image stacks."""
+  """A parsed volume spec. ``dataset`` is None for image stacks and TensorStore volumes.
+
+  ``scheme``: "zarr", "n5", "precomputed" (``path`` is then the local path) or "json" (``path``
+  is the TensorStore JSON spec); None for HDF5 and image stacks. ``channel``: for a 4D
+  (channel,z,y,x) volume, the channel read as the 3D volume; None: the volume must be 3D.
+  """
   path: str
   dataset: str | None = None
   name: str | None = None
+  scheme: str | None = None
+  channel: int | None = None
 
   def __str__(self) -> str:
-    text = self.path if self.dataset is None else f"{self.path}:{self.dataset}"
+    if self.scheme == "json":
+      text = self.path
+    elif self.scheme is not None:
+      text = f"{self.scheme}://{self.path}"
+    else:
+      text = self.path if self.dataset is None else f"{self.path}:{self.dataset}"
     return text if self.name is None else f"{self.name}:{text}"
+
+
+def _parse_tensorstore_spec(spec: str) -> VolumeSpec | None:
+  """``[name:]scheme://path`` or a JSON spec as a VolumeSpec; None if ``spec`` is neither."""
+  text = spec.strip()
+  if text.startswith("{"):
+    return VolumeSpec(path=text, scheme="json")
+  if "://" not in text:
+    return None
+  head, path = text.split("://", 1)
+  name, _, scheme = head.rpartition(":")
+  if scheme not in TENSORSTORE_SCHEMES:
+    raise FFNError(f"volume spec {spec!r}: unknown scheme {scheme + '://'!r} (expected "
+                   f"{', '.join(s + '://' for s in TENSORSTORE_SCHEMES)}, or [name:]path.h5:dataset)")
+  if not path:
+    raise FFNError(f"volume spec {spec!r}: no path after {scheme}://")
+  if head.count(":") > 1 or (":" in head and not name):
+    raise FFNError(f"volume spec {spec!r}: expected [name:]{scheme}://path")
+  return VolumeSpec(path=path, name=name or None, scheme=scheme)
 
 
 def parse_spec(spec: str, require_name: bool = False) -> VolumeSpec:
   """Parses a volume spec string (see the module docstring)."""
   if not spec or not isinstance(spec, str):
     raise FFNError(f"empty volume spec {spec!r}")
+  out = _parse_tensorstore_spec(spec)
   parts = spec.split(":")
-  if len(parts) == 3:
+  if out is not None:
+    pass
+  elif len(parts) == 3:
     name, path, dataset = parts
     if not name or not path or not dataset:
       raise FFNError(f"volume spec {spec!r}: expected name:path.h5:dataset")
@@ -114,29 +155,44 @@ class Volume:
   """Read access to a 3D volume (z,y,x) without loading it whole.
 
   Index it like a numpy array (``vol[z0:z1, y0:y1, x0:x1]``) or call :meth:`read_box`.
+  A 4D (channel,z,y,x) HDF5 or TensorStore volume is accepted with ``channels=True`` or a spec
+  whose ``channel`` is set: indexing then reads that channel (default 0), ``num_channels`` is the
+  channel count and :meth:`read_channels` reads several. ``shape`` is always z,y,x.
   Use as a context manager, or call :meth:`close`.
   """
 
-  def __init__(self, spec: str | VolumeSpec):
+  def __init__(self, spec: str | VolumeSpec, channels: bool = False):
     self.spec = parse_spec(spec) if isinstance(spec, str) else spec
     self._h5: h5py.File | None = None
-    self._ds = None
+    self._ds = None  # HDF5 dataset or TensorStore array: (channel,)z,y,x
     self._files: list[str] | None = None
     self._tiff = None
+    self.num_channels: int | None = None  # None: a 3D volume
+    self.channel = self.spec.channel or 0
     path = self.spec.path
-    if self.spec.dataset is not None:
+    if self.spec.scheme is not None:
+      from ffn.io.tensorstore_volumes import open_volume_array
+      self._ds = open_volume_array(self.spec)
+      self._set_array_shape(tuple(self._ds.shape), channels)
+      self.dtype = self._ds.dtype.numpy_dtype
+    elif self.spec.dataset is not None:
       self._h5, ds = open_h5_dataset(self.spec)
-      if ds.ndim != 3:
-        self._h5.close()
-        raise FFNError(f"{path}:{self.spec.dataset}: expected a 3D (z,y,x) dataset, got shape {ds.shape}")
       self._ds = ds
-      self.shape: tuple[int, int, int] = tuple(ds.shape)  # type: ignore[assignment]
+      try:
+        self._set_array_shape(tuple(ds.shape), channels)
+      except FFNError:
+        self.close()
+        raise
       self.dtype = ds.dtype
     elif os.path.isfile(path) and path.lower().endswith((".tif", ".tiff")):
       import tifffile
       self._tiff = tifffile.TiffFile(path)
-      first = self._tiff.pages[0].asarray()
-      self._check_slice(first, path)
+      try:
+        first = self._tiff.pages[0].asarray()
+        self._check_slice(first, path)
+      except BaseException:
+        self.close()
+        raise
       self.shape = (len(self._tiff.pages),) + first.shape  # type: ignore[assignment]
       self.dtype = first.dtype
     elif os.path.isfile(path) and path.lower().endswith(H5_SUFFIXES):
@@ -149,6 +205,25 @@ class Volume:
       self._check_slice(first, self._files[0])
       self.shape = (len(self._files),) + first.shape  # type: ignore[assignment]
       self.dtype = first.dtype
+    if self.num_channels is None and self.spec.channel:
+      raise FFNError(f"{self.spec}: channel {self.spec.channel} requested of a 3D volume (only "
+                     "channel 0)")
+    if 0 in self.shape:
+      raise FFNError(f"{self.spec}: the volume is empty (shape {list(self.shape)[::-1]}, x,y,z)")
+
+  def _set_array_shape(self, shape: tuple, channels: bool) -> None:
+    allow = channels or self.spec.channel is not None
+    if len(shape) == 4 and allow:
+      self.num_channels = int(shape[0])
+      if not 0 <= self.channel < self.num_channels:
+        raise FFNError(f"{self.spec}: no channel {self.channel} (the volume has {self.num_channels}; "
+                       "4D volumes are channel,z,y,x)")
+      self.shape = shape[1:]  # type: ignore[assignment]
+    elif len(shape) == 3:
+      self.shape = shape  # type: ignore[assignment]
+    else:
+      want = "3D (z,y,x) or 4D (channel,z,y,x)" if allow else "3D (z,y,x)"
+      raise FFNError(f"{self.spec}: expected a {want} volume, got shape {list(shape)}")
 
   @staticmethod
   def _check_slice(img: np.ndarray, where: str) -> None:
@@ -167,9 +242,17 @@ class Volume:
       raise FFNError(f"{where}: slice shape {img.shape} differs from the first slice {self.shape[1:]}")
     return img
 
+  def _read_array(self, key: tuple) -> np.ndarray:
+    if self.spec.scheme is not None:
+      return np.asarray(self._ds[key].read().result())  # type: ignore[index]
+    return self._ds[key]  # type: ignore[index]
+
   def __getitem__(self, key) -> np.ndarray:
     if self._ds is not None:
-      return self._ds[key]
+      if not isinstance(key, tuple):
+        key = (key,)
+      lead = () if self.num_channels is None else (self.channel,)
+      return self._read_array(lead + key)
     if not isinstance(key, tuple):
       key = (key,)
     key = key + (slice(None),) * (3 - len(key))
@@ -178,6 +261,12 @@ class Volume:
     if not isinstance(key[0], slice):
       return planes[0]
     return np.stack(planes) if planes else np.zeros((0,) + self.shape[1:], self.dtype)[:, key[1], key[2]]
+
+  def read_channels(self, channels: slice, key: tuple) -> np.ndarray:
+    """Channels ``channels`` of the z,y,x slices ``key``, as (channel,z,y,x); a 3D volume has one."""
+    if self.num_channels is None:
+      return self[key][np.newaxis][channels]
+    return self._read_array((channels,) + tuple(key))
 
   def read_box(self, box: BoundingBox) -> np.ndarray:
     """Reads a box (start/size in x,y,z) as a z,y,x array; the box must lie inside the volume."""
@@ -194,6 +283,7 @@ class Volume:
     if self._tiff is not None:
       self._tiff.close()
       self._tiff = None
+    self._ds = None
 
   def __enter__(self) -> "Volume":
     return self
@@ -236,44 +326,58 @@ def open_h5_dataset(spec: str | VolumeSpec, what: str = "") -> tuple[h5py.File, 
   return f, ds
 
 
+def _open_for(spec: str | VolumeSpec, what: str) -> Volume:
+  """:class:`Volume` (4D allowed) whose errors name ``what`` the volume is for."""
+  try:
+    return Volume(spec, channels=True)
+  except FFNError as e:
+    if what and f"({what})" not in str(e):
+      raise FFNError(f"{e} ({what})") from None
+    raise
+
+
 def read_h5_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
                 channels: int | None = None, fill_outside: bool = False, what: str = "") -> np.ndarray:
-  """Reads the z,y,x box ``corner_zyx`` + ``shape_zyx`` of a 3D or 4D HDF5 dataset.
+  """Reads the z,y,x box ``corner_zyx`` + ``shape_zyx`` of a 3D or 4D volume (HDF5 or TensorStore).
 
-  ``channels`` None: the dataset is 3D (z,y,x) or 4D (channel,z,y,x; channel 0 is read) and the
-  result is z,y,x. ``channels`` n: the dataset must be 4D with at least n channels; the result is
-  channels 0..n-1, (n,z,y,x). ``fill_outside``: voxels of the box outside the dataset are 0
-  (otherwise a box not inside the dataset is an FFNError). ``what``: named in errors.
+  ``channels`` None: the volume is 3D (z,y,x) or 4D (channel,z,y,x; channel 0 is read) and the
+  result is z,y,x. ``channels`` n: the volume must be 4D with at least n channels; the result is
+  channels 0..n-1, (n,z,y,x). ``fill_outside``: voxels of the box outside the volume are 0
+  (otherwise a box not inside the volume is an FFNError). ``what``: named in errors.
   """
-  f, ds = open_h5_dataset(spec, what)
   where = f"{spec}" + (f" ({what})" if what else "")
-  with f:
-    if channels is not None and (ds.ndim != 4 or ds.shape[0] < channels):
+  with _open_for(spec, what) as vol:
+    if channels is not None and (vol.num_channels or 0) < channels:
+      shape = list(vol.shape) if vol.num_channels is None else [vol.num_channels] + list(vol.shape)
       raise FFNError(f"{where}: must be 4D (channel,z,y,x) with at least {channels} channels, "
-                     f"got shape {ds.shape}")
-    if ds.ndim not in (3, 4):
-      raise FFNError(f"{where}: must be 3D (z,y,x) or 4D (channel,z,y,x), got shape {ds.shape}")
-    spatial = np.array(ds.shape[-3:], dtype=np.int64)
+                     f"got shape {shape}")
+    spatial = np.array(vol.shape, dtype=np.int64)
     lo = np.array(corner_zyx, dtype=np.int64)
     hi = lo + np.array(shape_zyx, dtype=np.int64)
     if not fill_outside and (np.any(lo < 0) or np.any(hi > spatial)):
       raise FFNError(f"{where}: shape {spatial.tolist()[::-1]} (x,y,z) does not cover the box at "
                      f"{lo.tolist()[::-1]} of size {list(shape_zyx)[::-1]} (x,y,z)")
-    lead: tuple = () if ds.ndim == 3 else ((0,) if channels is None else (slice(0, channels),))
-    out = np.zeros(((channels,) if channels is not None else ()) + tuple((hi - lo).tolist()), ds.dtype)
+    out = np.zeros(((channels,) if channels is not None else ()) + tuple((hi - lo).tolist()), vol.dtype)
     clo, chi = np.clip(lo, 0, spatial), np.clip(hi, 0, spatial)
     if np.all(chi > clo):
       dst = tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(clo, chi, lo))
-      out[(Ellipsis,) + dst] = ds[lead + tuple(slice(int(a), int(b)) for a, b in zip(clo, chi))]
+      src = tuple(slice(int(a), int(b)) for a, b in zip(clo, chi))
+      out[(Ellipsis,) + dst] = vol[src] if channels is None else vol.read_channels(
+          slice(0, channels), src)
   return out
 
 
 def read_label_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
                    what: str = "") -> np.ndarray:
-  """:func:`read_h5_box` for object ids: an integer dtype and no negative id, else FFNError."""
-  f, ds = open_h5_dataset(spec, what)
-  with f:
-    check_dtype(f"{spec}" + (f" ({what})" if what else ""), ds.dtype, "uib")
+  """:func:`read_h5_box` of a 3D volume of object ids: an integer dtype and no negative id, else
+  FFNError."""
+  where = f"{spec}" + (f" ({what})" if what else "")
+  try:
+    vol = Volume(spec)
+  except FFNError as e:
+    raise FFNError(f"{e}" + (f" ({what})" if what and f"({what})" not in str(e) else "")) from None
+  with vol:
+    check_dtype(where, vol.dtype, "uib")
   labels = read_h5_box(spec, corner_zyx, shape_zyx, what=what)
   if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
     raise FFNError(f"{spec}: has negative ids (min {labels.min()}; {what}); ids must be >= 0")
