@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   req.add_argument("--model_name", required=True, help="e.g. convstack_3d.ConvStack3DFFNModel")
   req.add_argument("--model_args", required=True,
                    help='JSON, e.g. \'{"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8]}\' (x,y,z)')
-  req.add_argument("--image_mean", type=float, required=True)
-  req.add_argument("--image_stddev", type=float, required=True)
+  req.add_argument("--image_mean", type=float, default=None,
+                   help="normalisation (raw - mean) / stddev of volumes not in --image_offset_scale_map")
+  req.add_argument("--image_stddev", type=float, default=None)
   parser.add_argument("--train_dir", default="/tmp", help="checkpoints, summaries, train_flags.json")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--max_steps", type=int, default=10000)
@@ -71,6 +72,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--compute_dtype", choices=["float32", "bfloat16"], default="float32",
                       help="convolutions in bfloat16 (variables, loss and updates stay float32)")
   parser.add_argument("--seed", type=int, default=0, help="seed of initial weights and data order")
+  vols = parser.add_argument_group("several volumes")
+  vols.add_argument("--image_offset_scale_map", default=None,
+                    help="per-volume normalisation, google syntax: name:offset:scale,... "
+                         "(image = (raw - offset) / scale)")
+  vols.add_argument("--volume_weights", default=None,
+                    help="name:weight,...: each example picks a volume with probability "
+                         "weight/sum (default: in proportion to its coordinates)")
+  em = parser.add_argument_group("EM augmentations (ffn/training/augment.py; 0 = off)")
+  em.add_argument("--rotation_max_deg", type=float, default=0.0,
+                  help="rotate about z by an angle uniform in +/- this (degrees; 180: any)")
+  em.add_argument("--elastic_alpha", type=float, default=0.0,
+                  help="elastic deformation: largest in-plane displacement (voxels)")
+  em.add_argument("--elastic_sigma", type=float, default=4.0,
+                  help="elastic deformation: Gaussian smoothing of the displacement field (voxels)")
+  em.add_argument("--misalign_prob", type=float, default=0.0,
+                  help="probability per example of shifting a run of sections in x,y")
+  em.add_argument("--misalign_max_shift", type=int, default=0, help="largest such shift (voxels)")
+  em.add_argument("--missing_section_prob", type=float, default=0.0,
+                  help="probability per section of blanking or duplicating it (image only)")
+  em.add_argument("--blur_section_prob", type=float, default=0.0,
+                  help="probability per section of an out-of-focus blur (image only)")
+  em.add_argument("--blur_max_sigma", type=float, default=2.0,
+                  help="largest blur sigma (voxels, uniform in (0, this])")
+  em.add_argument("--brightness", type=float, default=0.0,
+                  help="add uniform +/- this (units of image_stddev)")
+  em.add_argument("--contrast", type=float, default=0.0, help="multiply by uniform 1 +/- this")
+  em.add_argument("--gamma", type=float, default=0.0,
+                  help="gamma 2**u, u uniform in +/- this, over the patch's intensity range")
+  em.add_argument("--noise_stddev", type=float, default=0.0,
+                  help="Gaussian noise of stddev uniform in [0, this] (units of image_stddev)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -88,7 +119,8 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
   from ffn.training.trainer import Trainer
   trainer = Trainer(config_from_args(args))
+  source = trainer.make_source()  # checks every input before anything is written to train_dir
   trainer.restore_or_init()
   trainer.write_flags()
-  trainer.attach_data(trainer.make_source())
+  trainer.attach_data(source)
   return trainer.run()

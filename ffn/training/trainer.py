@@ -40,6 +40,7 @@ from ffn.axes import xyz_to_zyx
 from ffn.errors import FFNError
 from ffn.io.atomic import write_text_atomic
 from ffn.progress import format_eta
+from ffn.training.augment import AugmentConfig
 from ffn.training.data import ExampleSource
 from ffn.training.examples import (FOV_POLICIES, crop, fixed_policy, fov_shifts, initial_seed, logit,
                                    max_pred_policy, patch_moves)
@@ -59,8 +60,8 @@ class TrainConfig:
   model_name: str
   model_args: dict
   train_dir: str
-  image_mean: float
-  image_stddev: float
+  image_mean: float | None
+  image_stddev: float | None
   batch_size: int = 64
   max_steps: int = 10000
   seed_pad: float = 0.05
@@ -85,8 +86,29 @@ class TrainConfig:
   log_every: int = 100
   seed: int = 0
   compute_dtype: str = "float32"
+  # Several volumes (ffn.training.data): google's per-volume normalisation and sampling weights.
+  image_offset_scale_map: str | None = None
+  volume_weights: str | None = None
+  # EM augmentations (ffn.training.augment.AugmentConfig, same names); 0 = off.
+  rotation_max_deg: float = 0.0
+  elastic_alpha: float = 0.0
+  elastic_sigma: float = 4.0
+  misalign_prob: float = 0.0
+  misalign_max_shift: int = 0
+  missing_section_prob: float = 0.0
+  blur_section_prob: float = 0.0
+  blur_max_sigma: float = 2.0
+  brightness: float = 0.0
+  contrast: float = 0.0
+  gamma: float = 0.0
+  noise_stddev: float = 0.0
+
+  def augment_config(self) -> AugmentConfig:
+    """The augmentation strengths of this config (raises FFNError on a bad value)."""
+    return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
   def __post_init__(self) -> None:
+    self.augment_config()
     if self.fov_policy not in FOV_POLICIES:
       raise FFNError(f"--fov_policy {self.fov_policy!r}: expected one of {', '.join(FOV_POLICIES)}")
     if self.fov_moves < 1:
@@ -201,7 +223,9 @@ class Trainer:
     return ExampleSource(cfg.train_coords, cfg.data_volumes, cfg.label_volumes, self.model.fov_size,
                          self.model.deltas, cfg.image_mean, cfg.image_stddev, cfg.permutable_axes,
                          cfg.reflectable_axes, cfg.seed,
-                         moves=patch_moves(cfg.fov_policy, cfg.fov_moves))
+                         moves=patch_moves(cfg.fov_policy, cfg.fov_moves),
+                         image_offset_scale_map=cfg.image_offset_scale_map,
+                         volume_weights=cfg.volume_weights, augment_config=cfg.augment_config())
 
   def attach_data(self, source: ExampleSource) -> None:
     self.source = source
