@@ -146,24 +146,6 @@ def test_peaks_policy_is_googles_with_skimage_peaks():
   assert np.all(got >= 3) and np.all(got < 27)  # border of min_distance excluded
 
 
-@pytest.mark.parametrize("shape,min_distance", [((17, 23, 29), 1), ((17, 23, 29), 2), ((24, 30, 36), 3)])
-def test_peak_local_max_matches_skimage(shape, min_distance):
-  from skimage.feature import peak_local_max as skimage_peak_local_max
-  image = ndimage.gaussian_filter(np.random.default_rng(min_distance).normal(size=shape), 1.0)
-  image -= np.median(image)  # half the voxels <= 0, where no peak may be
-  want = skimage_peak_local_max(image, min_distance=min_distance, threshold_abs=0, threshold_rel=0)
-  assert len(want) > 10
-  np.testing.assert_array_equal(seed_lib.peak_local_max(image, min_distance), _sorted_rows(want))
-
-
-def test_peak_local_max_simple():
-  img = np.zeros((11, 11, 11))
-  img[5, 5, 5] = 2.0
-  img[5, 5, 9] = 1.0  # within min_distance 3 of the border: dropped
-  img[1, 1, 1] = 3.0  # too close to the border
-  np.testing.assert_array_equal(seed_lib.peak_local_max(img, 3), [[5, 5, 5]])
-
-
 def test_grid_and_unknown_policy():
   canvas = Canvas(blobs_image(), options(), oracle, FOV, DELTAS)
   pol = seed_lib.make_policy("PolicyGrid3d", '{"step": 10, "offsets": [0]}')(canvas)

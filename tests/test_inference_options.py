@@ -469,3 +469,27 @@ def test_save_raw_writes_the_normalised_image_beside_the_result(tmp_path):
   from test_inference_canvas import blobs_image
   raw = ((blobs_image() + 1) * 100).astype(np.uint8)
   np.testing.assert_array_equal(image, (raw.astype(np.float32) - 100) / 100)
+
+
+@pytest.mark.parametrize("fov,deltas,ok", [([33, 33, 33], [16, 8, 8], True), ([33, 33, 33], [17, 8, 8], False),
+                                           ([9, 9, 8], [4, 4, 4], False), ([8, 9, 9], [4, 4, 3], True)])
+def test_movement_deltas_beyond_the_fov_are_refused_at_check_time(fov, deltas, ok):
+  """A face at +/- delta must lie inside the FoV: delta <= (fov - 1) // 2 (fov x,y,z, deltas z,y,x)."""
+  import json
+  request = parse_request(_request_text(
+      f'model_args: {json.dumps(json.dumps({"fov_size": fov}))} '
+      f'movement_policy_args: {json.dumps(json.dumps({"deltas": deltas}))}'))
+  if ok:
+    check_request(request)
+    return
+  with pytest.raises(FFNError) as e:
+    check_request(request)
+  assert f"movement_policy_args deltas {deltas} (z,y,x) must be at most" in one_line(e)
+
+
+def test_movement_policy_refuses_deltas_beyond_the_fov_without_model_args():
+  from test_inference_canvas import blobs_image, oracle, options as canvas_options
+  from ffn.inference.canvas import Canvas
+  with pytest.raises(FFNError, match=r"movement deltas \[5, 2, 2\] \(z,y,x\) must be 0..\(fov_size - 1\) // 2 "
+                                     r"= \[4, 4, 4\]"):
+    Canvas(blobs_image(), canvas_options(), oracle, (9, 9, 9), (5, 2, 2))

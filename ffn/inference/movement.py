@@ -10,9 +10,12 @@ All coordinates are z, y, x.
 from __future__ import annotations
 
 import collections
+import weakref
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+from ffn.errors import FFNError
 
 if TYPE_CHECKING:
   from ffn.inference.canvas import Canvas
@@ -51,8 +54,14 @@ class FaceMaxMovementPolicy:
   """Queue of candidate FoV centres for the object being segmented (google/ffn semantics)."""
 
   def __init__(self, canvas: "Canvas", deltas: Sequence[int], score_threshold: float):
-    self.canvas = canvas
+    """``deltas``: the move step (z,y,x), at most (fov - 1) // 2 per axis (the faces must lie
+    inside the FoV), else FFNError. Holds only a ``weakref.proxy`` of ``canvas`` (as google)."""
+    self.canvas = weakref.proxy(canvas)
     self.deltas = np.array(deltas, dtype=np.int64)
+    limit = (np.asarray(canvas.fov_size, dtype=np.int64) - 1) // 2
+    if self.deltas.shape != (3,) or np.any(self.deltas < 0) or np.any(self.deltas > limit):
+      raise FFNError(f"movement deltas {self.deltas.tolist()} (z,y,x) must be 0..(fov_size - 1) // 2 "
+                     f"= {limit.tolist()} (z,y,x) per axis")
     self.score_threshold = score_threshold
     self.scored_coords: collections.deque = collections.deque()
     self.done_rounded_coords: set = set()

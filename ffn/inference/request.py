@@ -182,6 +182,11 @@ def movement_policy_kwargs(request: inference_pb2.InferenceRequest) -> dict:
         or not all(isinstance(d, int) and d >= 0 for d in deltas)):
       raise FFNError(f"inference request: movement_policy_args deltas must be 3 integers >= 0 "
                      f"(z,y,x), got {deltas!r}")
+    fov = _model_fov_zyx(request)
+    if fov is not None and any(d > (n - 1) // 2 for d, n in zip(deltas, fov)):
+      raise FFNError(f"inference request: movement_policy_args deltas {deltas} (z,y,x) must be at "
+                     f"most (fov_size - 1) // 2 = {[(n - 1) // 2 for n in fov]} (z,y,x) per axis "
+                     f"for the model's fov_size {list(fov)[::-1]} (x,y,z)")
     out["deltas_zyx"] = tuple(deltas)
   if "score_threshold" in args:
     value = args["score_threshold"]
@@ -190,6 +195,19 @@ def movement_policy_kwargs(request: inference_pb2.InferenceRequest) -> dict:
                      f"(logit), got {value!r}")
     out["score_threshold"] = float(value)
   return out
+
+
+def _model_fov_zyx(request: inference_pb2.InferenceRequest) -> tuple[int, ...] | None:
+  """The FoV (z,y,x) that ``model_args`` names, or None when it does not (then the checkpoint's
+  flags give it, and :class:`~ffn.inference.movement.FaceMaxMovementPolicy` checks the deltas)."""
+  try:
+    args = json.loads(request.model_args) if request.model_args else {}
+  except json.JSONDecodeError:
+    return None  # the model loader reports it
+  fov = args.get("fov_size") if isinstance(args, dict) else None
+  if not isinstance(fov, list) or len(fov) != 3 or not all(isinstance(n, int) for n in fov):
+    return None
+  return tuple(fov[::-1])
 
 
 def google_ignored_request_fields(request: inference_pb2.InferenceRequest) -> list[str]:

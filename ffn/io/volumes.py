@@ -369,14 +369,10 @@ def read_h5_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Se
 
 def read_label_box(spec: str | VolumeSpec, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
                    what: str = "") -> np.ndarray:
-  """:func:`read_h5_box` of a 3D volume of object ids: an integer dtype and no negative id, else
-  FFNError."""
+  """:func:`read_h5_box` of object ids (3D, or channel 0 of a 4D volume): an integer dtype and no
+  negative id, else FFNError."""
   where = f"{spec}" + (f" ({what})" if what else "")
-  try:
-    vol = Volume(spec)
-  except FFNError as e:
-    raise FFNError(f"{e}" + (f" ({what})" if what and f"({what})" not in str(e) else "")) from None
-  with vol:
+  with _open_for(spec, what) as vol:
     check_dtype(where, vol.dtype, "uib")
   labels = read_h5_box(spec, corner_zyx, shape_zyx, what=what)
   if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
@@ -433,10 +429,13 @@ def write_h5(path: str, dataset: str, data: np.ndarray, attrs: dict | None = Non
              compression: str | None = "gzip", chunks: bool | tuple = True) -> None:
   """Writes ``data`` as ``path:dataset`` atomically.
 
-  If ``path`` already exists, its other datasets are kept (the file is copied to a temporary name,
-  the dataset replaced there, and the copy renamed over the original).
+  If ``path`` already exists, its other datasets are kept: under an exclusive lock for ``path``
+  (:func:`ffn.io.atomic.exclusive_lock`, so concurrent writers of other datasets of the same file
+  keep each other's), the file is copied to a temporary name, the dataset replaced there, the copy
+  flushed to disk and renamed over the original.
   """
-  with atomic_path(path, suffix=".h5") as tmp:
+  from ffn.io.atomic import exclusive_lock
+  with exclusive_lock(path), atomic_path(path, suffix=".h5") as tmp:
     if os.path.exists(path):
       import shutil
       shutil.copyfile(path, tmp)
