@@ -493,3 +493,106 @@ def test_movement_policy_refuses_deltas_beyond_the_fov_without_model_args():
   with pytest.raises(FFNError, match=r"movement deltas \[5, 2, 2\] \(z,y,x\) must be 0..\(fov_size - 1\) // 2 "
                                      r"= \[4, 4, 4\]"):
     Canvas(blobs_image(), canvas_options(), oracle, (9, 9, 9), (5, 2, 2))
+
+
+# -- 4D volumes, mask sources (google's build_mask) ------------------------------------------------
+
+def _blob_runner(tmp_path, image_spec: str | None = None, extra: str = ""):
+  """The oracle runner of test_inference_canvas on the blobs image (30^3, 200 inside the blobs)."""
+  from test_inference_canvas import DELTAS as D, FOV as F, _runner
+  runner = _runner(tmp_path, extra)
+  if image_spec is None:
+    return runner
+  from ffn.inference.runner import Runner
+  request = runner.request
+  request.image.hdf5 = image_spec
+  return Runner(request, predict=oracle, fov_size_xyz=F, deltas_xyz=D)
+
+
+def _raw_blobs() -> np.ndarray:
+  return ((blobs_image() + 1) * 100).astype(np.uint8)
+
+
+def test_4d_image_is_segmented_from_channel_0(tmp_path):
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  _, want, want_origins = _oracle_run(tmp_path / "a")
+  image = np.stack([_raw_blobs(), 255 - _raw_blobs()])  # channel,z,y,x; channel 1 is the negative
+  with h5py.File(tmp_path / "b" / "img4d.h5", "w") as f:
+    f["raw"] = image
+  runner = _blob_runner(tmp_path / "b", f"{tmp_path}/b/img4d.h5:raw")
+  assert runner.volume_shape == (30, 30, 30)
+  seg, origins = storage.load_segmentation_file(runner.run())
+  np.testing.assert_array_equal(seg, want)
+  assert {k: v.start_zyx for k, v in origins.items()} == {k: v.start_zyx for k, v in want_origins.items()}
+
+
+def test_4d_volume_mask_channel_and_clipped_read(tmp_path):
+  """Channel 1 of a 4D mask volume that covers only z < 20 of the 30^3 image: outside it the value
+  is 0, so `values: 0` masks z >= 20 as well (google fills with 0 and tests the fill)."""
+  mask = np.zeros((2, 20, 30, 30), np.uint8)
+  mask[1, :, :15, :15] = 7  # the first blob's columns, channel 1
+  with h5py.File(tmp_path / "m.h5", "w") as f:
+    f["m"] = mask
+  from ffn.inference.masks import build_mask
+  request = parse_request(_request_text(
+      f'masks {{ volume {{ mask {{ hdf5: "{tmp_path}/m.h5:m" }} channels {{ channel: 1 values: 7 }} }} }} '
+      f'masks {{ volume {{ mask {{ hdf5: "{tmp_path}/m.h5:m" }} channels {{ channel: 1 values: 0 }} }} }}'))
+  got = build_mask(request.masks[:1], None, "masks", (0, 0, 0), (30, 30, 30))
+  want = np.zeros((30, 30, 30), bool)
+  want[:20, :15, :15] = True
+  np.testing.assert_array_equal(got, want)
+  got = build_mask(request.masks[1:], None, "masks", (5, 0, 0), (30, 30, 30))  # global z 5..34
+  want = np.ones((30, 30, 30), bool)  # value 0 everywhere but in the blob columns below z = 20
+  want[:15, :15, :15] = False
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(FFNError, match=r"must be 4D \(channel,z,y,x\) with at least 3 channels"):
+    build_mask(parse_request(_request_text(
+        f'masks {{ volume {{ mask {{ hdf5: "{tmp_path}/m.h5:m" }} channels {{ channel: 2 values: 1 }} }} }}')
+    ).masks, None, "masks", (0, 0, 0), (30, 30, 30))
+
+
+def test_coordinate_expression_masks_over_global_xyz(tmp_path):
+  from ffn.inference.masks import build_mask
+  request = parse_request(_request_text(
+      'masks { coordinate_expression { expression: "(z >= 12) & (x < 20 + y)" } } '
+      'seed_masks { coordinate_expression { expression: "np.abs(x - 10) <= 2" } invert: true }'))
+  check_request(request)
+  got = build_mask(request.masks, None, "masks", (10, 0, 5), (4, 3, 30))  # corner z,y,x
+  z, y, x = np.meshgrid(np.arange(10, 14), np.arange(0, 3), np.arange(5, 35), indexing="ij")
+  np.testing.assert_array_equal(got, (z >= 12) & (x < 20 + y))
+  seeds = build_mask(request.seed_masks, None, "seed_masks", (0, 0, 0), (2, 2, 20))
+  np.testing.assert_array_equal(seeds[0, 0], np.abs(np.arange(20) - 10) > 2)
+  # the runner: masking x < 15 leaves the second blob (x 17..24) only
+  runner = _blob_runner(tmp_path, extra='masks { coordinate_expression { expression: "x < 15" } }')
+  seg, origins = storage.load_segmentation_file(runner.run())
+  assert len(origins) == 1 and not seg[:, :, :15].any()
+  assert np.count_nonzero(seg[5:25, 17:25, 17:25]) >= 0.95 * 20 * 8 * 8  # the second blob
+
+
+@pytest.mark.parametrize("expression,message", [
+    ("z <", "is not a Python expression"),
+    ("", "expression is empty"),
+    ("w > 1", "failed: NameError"),
+    ("__import__('os')", "failed: NameError"),
+    ("z + 1", "must give booleans, got int64"),
+])
+def test_bad_coordinate_expressions_are_one_line(expression, message):
+  from ffn.inference.masks import build_mask
+  request = parse_request(_request_text(f'masks {{ coordinate_expression {{ expression: "{expression}" }} }}'))
+  with pytest.raises(FFNError) as e:
+    check_request(request)
+    build_mask(request.masks, None, "masks", (0, 0, 0), (2, 2, 2))
+  assert message in one_line(e) and "masks[0]" in str(e.value)
+
+
+@pytest.mark.parametrize("mask,message", [
+    ("image { channels { channel: 1 max_value: 5 } }", "masks[0].image.channels[0].channel must be 0"),
+    ("image { }", "masks[0].image has no channels"),
+    ("invert: true", "masks[0] has no source"),
+    ('volume { mask { hdf5: "m.h5" } channels { channel: 0 } }', "masks[0].volume.mask.hdf5 must be"),
+])
+def test_mask_configs_are_checked_with_the_request(mask, message):
+  with pytest.raises(FFNError) as e:
+    check_request(parse_request(_request_text(f"masks {{ {mask} }}")))
+  assert message in one_line(e)

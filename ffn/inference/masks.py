@@ -1,9 +1,20 @@
 """Where the flood fill may go: exclusion masks from ``MaskConfig`` protos, and shift masks.
 
-Exclusion masks: a channel mask is ``min_value <= v <= max_value`` or ``v in values`` (if given),
-optionally inverted; a MaskConfig ORs its channel masks and may invert the result; several
-MaskConfigs are ORed. Image masks test the **raw** image values (before normalisation). Volume
-masks read the same box of another HDF5 volume (3D, single channel 0).
+Exclusion masks (google/ffn's ``storage.build_mask``): a channel mask is ``min_value <= v <=
+max_value`` or ``v in values`` (if given), optionally inverted; a MaskConfig ORs its channel masks
+and may invert the result; several MaskConfigs are ORed. Sources:
+
+* ``image``: the **raw** image values (before normalisation), channel 0 (the image the runner
+  segments, channel 0 of a 4D image);
+* ``volume``: the same box of another volume (any volume spec of :mod:`ffn.io.volumes`): 4D
+  (channel,z,y,x) as google's, or 3D (channel 0 only); the read is clipped to the volume and
+  voxels of the box outside it have the value 0 (then tested like the others), as google fills
+  them;
+* ``coordinate_expression``: a numpy expression over ``x``, ``y``, ``z``, the global voxel
+  coordinates of the box (e.g. ``"z < 10"``, ``"(x - 50)**2 + (y - 50)**2 > 40**2"``), evaluated
+  with only ``np``/``numpy`` and those three names (no builtins). google passes dense index
+  arrays; here they are open grids (shapes (z,1,1), (1,y,1), (1,1,x)) that broadcast to the same
+  result without three box-sized arrays. It must give a boolean array that broadcasts to the box.
 
 Shift masks (:class:`ShiftMask`, google/ffn's ``MovementRestrictor`` shift-mask part): the request's
 ``shift_mask`` is a 4D HDF5 dataset (channel, z, y, x) whose channels 0 and 1 hold a local (y, x)
@@ -29,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from ffn.errors import FFNError
-from ffn.io.volumes import Volume, read_h5_box
+from ffn.io.volumes import read_h5_box
 
 
 def _channel_mask(values: np.ndarray, config) -> np.ndarray:
@@ -40,41 +51,69 @@ def _channel_mask(values: np.ndarray, config) -> np.ndarray:
   return ~out if config.invert else out
 
 
+def compile_expression(expression: str, field: str):
+  """The compiled ``coordinate_expression``; FFNError naming ``field`` if it is not an expression."""
+  if not expression.strip():
+    raise FFNError(f"inference request: {field}.coordinate_expression.expression is empty")
+  try:
+    return compile(expression, f"<{field}.coordinate_expression>", "eval")
+  except SyntaxError as e:
+    raise FFNError(f"inference request: {field}.coordinate_expression {expression!r} is not a "
+                   f"Python expression ({e.msg})") from None
+
+
+def coordinate_mask(expression: str, corner_zyx: Sequence[int], shape_zyx: Sequence[int],
+                    field: str) -> np.ndarray:
+  """Boolean z,y,x mask of ``expression`` over the global coordinates of the box (module
+  docstring)."""
+  code = compile_expression(expression, field)
+  z, y, x = np.ogrid[tuple(slice(int(c), int(c) + int(n)) for c, n in zip(corner_zyx, shape_zyx))]
+  try:
+    with np.errstate(all="ignore"):
+      value = eval(code, {"__builtins__": {}, "np": np, "numpy": np}, {"x": x, "y": y, "z": z})
+    out = np.broadcast_to(np.asarray(value), tuple(int(n) for n in shape_zyx))
+  except Exception as e:  # the expression is the user's: any failure is their input's
+    raise FFNError(f"inference request: {field}.coordinate_expression {expression!r} failed: "
+                   f"{type(e).__name__}: {e}") from None
+  if out.dtype != bool:
+    raise FFNError(f"inference request: {field}.coordinate_expression {expression!r} must give "
+                   f"booleans, got {out.dtype.name}")
+  return out
+
+
 def build_mask(configs: Sequence, raw_image: np.ndarray | None, field: str,
                corner_zyx: Sequence[int] = (0, 0, 0),
                shape_zyx: Sequence[int] | None = None) -> np.ndarray | None:
   """Boolean z,y,x mask (True = excluded) for the box at ``corner_zyx``, or None if no configs.
 
-  The box has ``raw_image``'s shape, or ``shape_zyx`` when no image is given (then only volume
-  masks are possible).
+  The box has ``raw_image``'s shape, or ``shape_zyx`` when no image is given (then image masks
+  are an error).
   """
+  from ffn.inference.request import check_mask_config, hdf5_spec
   shape = tuple(raw_image.shape) if raw_image is not None else tuple(int(n) for n in shape_zyx or ())
   final = None
   for i, config in enumerate(configs):
+    where = f"{field}[{i}]"
+    check_mask_config(config, where)
     source = config.WhichOneof("source")
-    current = np.zeros(shape, dtype=bool)
-    if source == "image":
-      if raw_image is None:
-        raise FFNError(f"{field}[{i}]: image masks are not available here (use a volume mask)")
-      data = raw_image
-      channels = config.image.channels
-    elif source == "volume":
-      spec = config.volume.mask.hdf5
-      if not spec:
-        raise FFNError(f"inference request: {field}[{i}].volume.mask needs hdf5: \"file.h5:dataset\"")
-      sel = tuple(slice(int(c), int(c) + n) for c, n in zip(corner_zyx, shape))
-      with Volume(spec) as vol:
-        data = vol[sel]
-      if data.shape != shape:
-        raise FFNError(f"{spec}: mask volume does not cover the segmented box")
-      channels = config.volume.channels
+    if source == "coordinate_expression":
+      current = coordinate_mask(config.coordinate_expression.expression, corner_zyx, shape, where).copy()
     else:
-      raise FFNError(f"inference request: {field}[{i}]: mask source {source!r} is not supported "
-                     "(use image or volume)")
-    for channel in channels:
-      if channel.channel != 0:
-        raise FFNError(f"inference request: {field}[{i}]: only channel 0 exists, got {channel.channel}")
-      current |= _channel_mask(data, channel)
+      current = np.zeros(shape, dtype=bool)
+      channels = getattr(config, source).channels
+      if source == "image":
+        if raw_image is None:
+          raise FFNError(f"{where}: image masks are not available here (use a volume mask)")
+        data = raw_image[np.newaxis]
+      else:
+        spec = hdf5_spec(config.volume.mask, f"{where}.volume.mask")
+        need = max(c.channel for c in channels) + 1
+        data = read_h5_box(spec, corner_zyx, shape, channels=need if need > 1 else None,
+                           fill_outside=True, what=f"{where}.volume.mask")
+        if data.ndim == 3:
+          data = data[np.newaxis]
+      for channel in channels:
+        current |= _channel_mask(data[channel.channel], channel)
     if config.invert:
       current = ~current
     final = current if final is None else final | current

@@ -3,6 +3,7 @@ fields and option fields, and ``--bounding_box`` values; every problem is a one-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from ffn.errors import FFNError
 from ffn.inference import inference_pb2
 from ffn.inference.seed import make_policy
 from ffn.io.textproto import parse_text_proto, read_text_proto
+from ffn.io.volumes import VolumeSpec, parse_spec
 from ffn.utils import bounding_box_pb2
 
 _log = logging.getLogger(__name__)
@@ -34,8 +36,23 @@ def load_request(path_or_text: str) -> inference_pb2.InferenceRequest:
                          "inference request")
 
 
+def _volume_text(text: str, field: str) -> str:
+  """Checks the volume spec in a DecoratedVolume's ``hdf5`` field: ``file.h5:dataset`` (google's
+  syntax) or, beyond google, a TensorStore volume (``zarr://``, ``n5://``, ``precomputed://`` path
+  or JSON spec, :mod:`ffn.io.volumes`)."""
+  try:
+    spec = parse_spec(text)
+  except FFNError as e:
+    raise FFNError(f"inference request: {field}.hdf5: {e}") from None
+  if spec.scheme is None and (spec.dataset is None or spec.name is not None):
+    raise FFNError(f"inference request: {field}.hdf5 must be 'file.h5:dataset' (or a zarr://, n5://, "
+                   f"precomputed:// or TensorStore JSON volume), got {text!r}")
+  return text
+
+
 def hdf5_spec(volume, field: str) -> str:
-  """The ``file.h5:dataset`` of a DecoratedVolume proto field; anything else -> FFNError naming it.
+  """The volume spec of a DecoratedVolume proto field (:func:`_volume_text`); anything else ->
+  FFNError naming it.
 
   Only ``hdf5`` volumes exist here: ``volinfo`` and ``decorator_specs`` (google's VolumeStore
   features) are refused.
@@ -48,10 +65,7 @@ def hdf5_spec(volume, field: str) -> str:
     raise FFNError(f"inference request: {field} needs hdf5: \"file.h5:dataset\"")
   if volume.HasField("decorator_specs"):
     raise FFNError(f"inference request: {field}.decorator_specs is not supported (volinfo only)")
-  parts = volume.hdf5.split(":")
-  if len(parts) != 2 or not all(parts):
-    raise FFNError(f"inference request: {field}.hdf5 must be 'file.h5:dataset', got {volume.hdf5!r}")
-  return volume.hdf5
+  return _volume_text(volume.hdf5, field)
 
 
 def parse_bounding_box(text: str) -> BoundingBox:
@@ -73,15 +87,14 @@ def format_bounding_box(box: BoundingBox) -> str:
           f"size {{ x: {n[0]} y: {n[1]} z: {n[2]} }}")
 
 
-def image_spec(request: inference_pb2.InferenceRequest) -> str:
-  """The request's image as ``path.h5:dataset``."""
+def image_spec(request: inference_pb2.InferenceRequest) -> VolumeSpec:
+  """The request's image: a 3D volume, or channel 0 of a 4D (channel,z,y,x) one (google's
+  runner reads the image that way)."""
   which = request.image.WhichOneof("volume_path")
   if which != "hdf5":
     raise FFNError("inference request: 'image { hdf5: \"file.h5:dataset\" }' is required"
                    + (" (volinfo volumes are not supported)" if which == "volinfo" else ""))
-  if request.image.hdf5.count(":") != 1:
-    raise FFNError(f"inference request: image.hdf5 must be 'file.h5:dataset', got {request.image.hdf5!r}")
-  return request.image.hdf5
+  return dataclasses.replace(parse_spec(hdf5_spec(request.image, "image")), channel=0)
 
 
 def check_request(request: inference_pb2.InferenceRequest) -> None:
@@ -110,6 +123,9 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
     raise FFNError(f"inference request: movement_policy_name {request.movement_policy_name!r} is not "
                    "supported (only FaceMaxMovementPolicy)")
   make_policy(request.seed_policy, request.seed_policy_args)
+  for field in ("masks", "seed_masks"):
+    for i, config in enumerate(getattr(request, field)):
+      check_mask_config(config, f"{field}[{i}]")
   _check_alignment(request)
   if request.HasField("init_segmentation"):
     hdf5_spec(request.init_segmentation, "init_segmentation")
@@ -119,6 +135,29 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
   if unused:
     _log.warning("inference request: these fields are set but ignored, as google/ffn (HEAD) ignores "
                  "them too: %s", ", ".join(unused))
+
+
+def check_mask_config(config, field: str) -> None:
+  """One MaskConfig: a source (image channel 0, a volume spec, or a coordinate expression that
+  compiles); FFNError naming ``field`` otherwise. The volume itself is read per subvolume."""
+  source = config.WhichOneof("source")
+  if source is None:
+    raise FFNError(f"inference request: {field} has no source (image, volume or "
+                   "coordinate_expression)")
+  if source == "coordinate_expression":
+    from ffn.inference.masks import compile_expression
+    compile_expression(config.coordinate_expression.expression, field)
+    return
+  channels = getattr(config, source).channels
+  if not channels:
+    raise FFNError(f"inference request: {field}.{source} has no channels (nothing would be masked)")
+  for j, channel in enumerate(channels):
+    if channel.channel < 0 or (source == "image" and channel.channel != 0):
+      raise FFNError(f"inference request: {field}.{source}.channels[{j}].channel must be "
+                     f"{'0 (the image is one channel)' if source == 'image' else '>= 0'}, "
+                     f"got {channel.channel}")
+  if source == "volume":
+    hdf5_spec(config.volume.mask, f"{field}.volume.mask")
 
 
 def _check_alignment(request: inference_pb2.InferenceRequest) -> None:
