@@ -162,3 +162,144 @@ def test_foreign_host_temporaries_removed_only_when_old(tmp_path):
   removed = atomic.clean_stale_temps(tmp_path)
   assert sorted(removed) == sorted([old, old_dir])
   assert fresh.exists() and not old.exists() and not old_dir.exists()
+
+
+# A writer that rewrites four outputs for ever, alternating two versions (A, then B, then A...):
+# an npz (storage), a dataset of a two-dataset HDF5 file (write_h5), a PNG stack (A has 12 slices,
+# B 8) and a two-layer precomputed export. It prints "ready" once version A of all four exists.
+_LOOP_WRITER = """
+import sys
+import numpy as np
+from ffn.inference import export, storage
+from ffn.io import volumes
+out = sys.argv[1]
+def version(v):
+  rng = np.random.default_rng(v)
+  seg = rng.integers(1, 1000, (12 if v == 0 else 8, 48, 48)).astype(np.uint32)
+  img = rng.integers(0, 255, seg.shape).astype(np.uint8)
+  return seg, img
+versions = [version(0), version(1)]
+i = 0
+while True:
+  seg, img = versions[i % 2]
+  storage.save_npz_atomic(out + "/result.npz", segmentation=seg)
+  volumes.write_h5(out + "/vol.h5", "seg", seg)
+  export.write_png_stack(seg, out + "/png")
+  export.write_precomputed(out + "/ng", seg, img, (0, 0, 0), (8, 8, 8))
+  if i == 0:
+    print("ready", flush=True)
+  i += 1
+"""
+
+
+def _versions():
+  out = []
+  for v in (0, 1):
+    rng = np.random.default_rng(v)
+    seg = rng.integers(1, 1000, (12 if v == 0 else 8, 48, 48)).astype(np.uint32)
+    out.append((seg, rng.integers(0, 255, seg.shape).astype(np.uint8)))
+  return out
+
+
+def _read_layer(layer: Path) -> np.ndarray:
+  import json
+  info = json.loads((layer / "info").read_text())
+  scale = info["scales"][0]
+  nx, ny, nz = scale["size"]
+  dtype = {"uint64": "<u8", "uint8": "<u1"}[info["data_type"]]
+  out = np.zeros((nz, ny, nx), dtype)
+  names = sorted(os.listdir(layer / scale["key"]))
+  for name in names:
+    (x0, x1), (y0, y1), (z0, z1) = (map(int, r.split("-")) for r in name.split("_"))
+    block = np.frombuffer((layer / scale["key"] / name).read_bytes(), dtype)
+    out[z0:z1, y0:y1, x0:x1] = block.reshape(z1 - z0, y1 - y0, x1 - x0)
+  assert len(names) == 1  # 48^2 x 12 or 8 voxels: one 64^3 chunk
+  return out
+
+
+def _which_version(out: Path, versions) -> dict[str, int]:
+  """For each of the four outputs, which version (0 or 1) it holds; AssertionError for a mix."""
+  import h5py
+  from PIL import Image
+  found = {}
+  with np.load(out / "result.npz") as data:
+    seg = data["segmentation"]
+  found["npz"] = [v for v, (s, _) in enumerate(versions) if np.array_equal(seg, s)]
+  with h5py.File(out / "vol.h5", "r") as f:
+    assert sorted(f) == ["other", "seg"]
+    assert np.array_equal(f["other"][()], np.arange(5))
+    seg = f["seg"][()]
+  found["h5"] = [v for v, (s, _) in enumerate(versions) if np.array_equal(seg, s)]
+  names = sorted(os.listdir(out / "png"))
+  stack = np.stack([np.asarray(Image.open(out / "png" / n)) for n in names])
+  found["png"] = [v for v, (s, _) in enumerate(versions)
+                  if names == [f"seg_{z:05d}.png" for z in range(len(s))] and np.array_equal(stack, s)]
+  assert sorted(os.listdir(out / "ng")) == ["image", "segmentation"]
+  seg, img = _read_layer(out / "ng" / "segmentation"), _read_layer(out / "ng" / "image")
+  found["precomputed"] = [v for v, (s, i) in enumerate(versions)
+                          if np.array_equal(seg, s) and np.array_equal(img, i)]
+  for name, match in found.items():
+    assert len(match) == 1, f"{name}: neither the old nor the new version (a mix)"
+  return {name: match[0] for name, match in found.items()}
+
+
+def test_sigkilled_writers_leave_old_or_new_never_a_mix(tmp_path):
+  """Six runs of a writer rewriting four outputs in a loop, each SIGKILLed at a random moment:
+  every output then holds one complete version. The old code left a PNG stack with stale slices
+  of the longer export and could leave a precomputed export without a layer, or with layers of
+  two exports."""
+  from ffn.io import volumes
+  versions = _versions()
+  out = tmp_path / "out"
+  out.mkdir()
+  volumes.write_h5(str(out / "vol.h5"), "other", np.arange(5))
+  rng = np.random.default_rng(15)
+  seen: set = set()
+  for run in range(6):
+    proc = subprocess.Popen([sys.executable, "-c", _LOOP_WRITER, str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+      assert proc.stdout.readline().strip() == "ready"
+      time.sleep(float(rng.uniform(0.05, 1.0)))
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(30)
+    seen.update(_which_version(out, versions).items())
+  assert {v for _, v in seen} == {0, 1}  # the runs did catch both versions
+  # The first atomic write of a new process into the folder removes what the killed ones left.
+  subprocess.run([sys.executable, "-c", "import sys; from ffn.io.atomic import write_text_atomic; "
+                  "write_text_atomic(sys.argv[1], 'done')", str(out / "done.txt")], cwd=ROOT,
+                 timeout=120, check=True)
+  assert [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.endswith(".ffn-lock")] == []
+
+
+_CONCURRENT_H5 = """
+import sys
+import numpy as np
+from ffn.io import volumes
+path, me = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
+for k in range(8):
+  volumes.write_h5(path, f"p{me}_{k}", np.full((20, 20, 20), 10 * me + k, np.int64))
+"""
+
+
+def test_concurrent_write_h5_keeps_every_writers_datasets(tmp_path):
+  """Two processes add 8 datasets each to one HDF5 file at the same time: all 16 are there. The
+  old copy-modify-rename let one writer's rename drop the other's new datasets."""
+  import h5py
+  path = tmp_path / "shared.h5"
+  procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_H5, str(path), str(me)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+           for me in (0, 1)]
+  for proc in procs:
+    assert proc.stdout.readline().strip() == "ready"
+  for proc in procs:  # both start writing at once
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+  for proc in procs:
+    assert proc.wait(120) == 0
+  with h5py.File(path, "r") as f:
+    assert sorted(f) == sorted(f"p{me}_{k}" for me in (0, 1) for k in range(8))
+    assert all(int(f[f"p{me}_{k}"][0, 0, 0]) == 10 * me + k for me in (0, 1) for k in range(8))

@@ -11,6 +11,10 @@ the segmentation comes from a ``seg-x_y_z.npz`` result, the image is read at tha
 above names each panel's plane in volume coordinates (``xy at z=75``, i.e. with the box offset),
 and one below holds a scale bar (along x, for the voxel size ``--resolution``, default FIB-25's
 10 nm), the voxel size and the number of objects (distinct non-zero ids) in the whole box.
+
+Every output is replaced as a whole (:mod:`ffn.io.atomic`): a single file by rename, a PNG stack
+or a precomputed export (both layers) by exchanging the folder, so a reader, or a job killed at any
+moment, finds the previous export or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+from typing import Callable
 
 import numpy as np
 
 from ffn.axes import BoundingBox, zyx_to_xyz
 from ffn.errors import FFNError
-from ffn.io.atomic import atomic_path, check_writable_dir
+from ffn.io.atomic import atomic_dir, atomic_path
 
 _log = logging.getLogger(__name__)
 
@@ -162,15 +168,39 @@ def _load(spec: str) -> tuple[np.ndarray, BoundingBox | None]:
   return labels, box
 
 
+PNG_SLICE = re.compile(r"seg_\d{5}\.png$")
+PRECOMPUTED_LAYERS = ("segmentation", "image")
+
+
+def _check_replaceable(directory: str, allowed: Callable[[str], bool], what: str) -> None:
+  """FFNError unless ``directory`` is absent or a folder holding only entries ``allowed`` (or
+  temporaries of atomic writes): an export replaces the whole folder, so it must not hold
+  anything else."""
+  if not os.path.lexists(directory):
+    return
+  if not os.path.isdir(directory):
+    raise FFNError(f"{directory}: exists and is not a directory (expected {what})")
+  foreign = sorted(n for n in os.listdir(directory) if not allowed(n)
+                   and not (n.startswith(".") and n.endswith(".tmp")))
+  if foreign:
+    raise FFNError(f"{directory}: holds {foreign[0]!r}, which is not part of {what}; refusing to "
+                   "replace it (give a new or empty directory)")
+
+
 def write_png_stack(labels: np.ndarray, directory: str) -> None:
+  """Writes z,y,x labels as ``directory/seg_<z:05d>.png`` (16-bit, ids modulo 65536).
+
+  The whole folder is replaced in one step (:func:`ffn.io.atomic.atomic_dir`): a reader sees the
+  old stack or the new one, never a mix, and no slice of an earlier, longer stack remains. An
+  existing ``directory`` must hold nothing but such slices.
+  """
   from PIL import Image
   if labels.max(initial=0) > 65535:
     _log.warning("ids above 65535 are wrapped in 16-bit PNG slices; use --format h5 to keep them")
-  check_writable_dir(os.path.join(directory, "x"))
-  for z, plane in enumerate(labels):
-    path = os.path.join(directory, f"seg_{z:05d}.png")
-    with atomic_path(path, suffix=".png") as tmp:
-      Image.fromarray((plane % 65536).astype(np.uint16)).save(tmp, format="PNG")
+  _check_replaceable(directory, lambda n: PNG_SLICE.match(n) is not None, "a PNG stack export")
+  with atomic_dir(directory) as tmp:
+    for z, plane in enumerate(labels):
+      Image.fromarray((plane % 65536).astype(np.uint16)).save(tmp / f"seg_{z:05d}.png", format="PNG")
 
 
 def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: str,
@@ -180,12 +210,10 @@ def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: 
   ``directory/info`` describes the volume; each chunk is a file ``x0-x1_y0-y1_z0-z1`` under the
   scale key, holding little-endian voxels with x varying fastest (i.e. C order of z,y,x). Chunk
   names are absolute voxel ranges, as the format requires: ``x0 = voxel_offset_x + i * chunk``,
-  ``x1 = min(x0 + chunk, voxel_offset_x + size_x)`` (likewise y, z). The folder is built under a
-  temporary name and renamed, so a reader never sees half a layer.
+  ``x1 = min(x0 + chunk, voxel_offset_x + size_x)`` (likewise y, z). Writes into a
+  new directory (``directory`` must not exist; :func:`write_precomputed` makes the export atomic).
   """
   import json
-  import shutil
-  import tempfile
   if layer_type == "segmentation":
     data = volume_zyx.astype("<u8")
   else:
@@ -198,27 +226,33 @@ def write_precomputed_layer(directory: str, volume_zyx: np.ndarray, layer_type: 
           "scales": [{"key": key, "size": size_xyz, "resolution": [float(r) for r in resolution_nm_xyz],
                       "voxel_offset": [int(v) for v in voxel_offset_xyz],
                       "chunk_sizes": [[chunk, chunk, chunk]], "encoding": "raw"}]}
-  parent = check_writable_dir(os.path.join(directory, "x"))
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent.parent)
-  try:
-    with open(os.path.join(tmp, "info"), "w") as f:
-      json.dump(info, f, indent=1)
-    os.mkdir(os.path.join(tmp, key))
-    nz, ny, nx = data.shape
-    ox, oy, oz = (int(v) for v in voxel_offset_xyz)
-    for z0 in range(0, nz, chunk):
-      for y0 in range(0, ny, chunk):
-        for x0 in range(0, nx, chunk):
-          z1, y1, x1 = min(z0 + chunk, nz), min(y0 + chunk, ny), min(x0 + chunk, nx)
-          name = f"{ox + x0}-{ox + x1}_{oy + y0}-{oy + y1}_{oz + z0}-{oz + z1}"
-          with open(os.path.join(tmp, key, name), "wb") as f:
-            f.write(np.ascontiguousarray(data[z0:z1, y0:y1, x0:x1]).tobytes())
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  os.makedirs(os.path.join(directory, key))
+  with open(os.path.join(directory, "info"), "w") as f:
+    json.dump(info, f, indent=1)
+  nz, ny, nx = data.shape
+  ox, oy, oz = (int(v) for v in voxel_offset_xyz)
+  for z0 in range(0, nz, chunk):
+    for y0 in range(0, ny, chunk):
+      for x0 in range(0, nx, chunk):
+        z1, y1, x1 = min(z0 + chunk, nz), min(y0 + chunk, ny), min(x0 + chunk, nx)
+        name = f"{ox + x0}-{ox + x1}_{oy + y0}-{oy + y1}_{oz + z0}-{oz + z1}"
+        with open(os.path.join(directory, key, name), "wb") as f:
+          f.write(np.ascontiguousarray(data[z0:z1, y0:y1, x0:x1]).tobytes())
+
+
+def write_precomputed(output: str, labels: np.ndarray, image: np.ndarray | None,
+                      voxel_offset_xyz, resolution_nm_xyz) -> None:
+  """Writes the folder ``output`` with the layers ``segmentation`` (``labels``, z,y,x) and, if
+  given, ``image`` (z,y,x), replacing an earlier export as a whole in one step
+  (:func:`ffn.io.atomic.atomic_dir`): never a mix of two exports, never a stale layer. An
+  existing ``output`` must hold nothing but those layers."""
+  _check_replaceable(output, lambda n: n in PRECOMPUTED_LAYERS, "a Neuroglancer precomputed export")
+  with atomic_dir(output) as tmp:
+    write_precomputed_layer(str(tmp / "segmentation"), labels, "segmentation", voxel_offset_xyz,
+                            resolution_nm_xyz)
+    if image is not None:
+      write_precomputed_layer(str(tmp / "image"), image, "image", voxel_offset_xyz,
+                              resolution_nm_xyz)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,13 +275,12 @@ def run(args: argparse.Namespace) -> int:
     write_png_stack(labels, args.output)
   elif args.format == "precomputed":
     offset = box.start if box is not None else (0, 0, 0)
-    write_precomputed_layer(os.path.join(args.output, "segmentation"), labels, "segmentation",
-                            offset, resolution)
+    image = None
     if args.image:
       from ffn.io.volumes import Volume
       with Volume(args.image) as vol:
         image = vol.read_box(box or BoundingBox((0, 0, 0), zyx_to_xyz(labels.shape)))
-      write_precomputed_layer(os.path.join(args.output, "image"), image, "image", offset, resolution)
+    write_precomputed(args.output, labels, image, offset, resolution)
   if args.format:
     _log.info("wrote %s (%s, shape z,y,x %s)", args.output, args.format, list(labels.shape))
   if args.format == "precomputed":

@@ -18,8 +18,9 @@ complete new one, never a half-written one -- also after SIGKILL or a power cut:
 Temporary names are ``.<target name>.~<host>~<pid namespace>~<pid>~<random><suffix>.tmp``. A
 writer killed before it renamed leaves its temporary behind; the first atomic write of a process
 into a directory removes such leftovers there (:func:`clean_stale_temps`): those of this host and
-pid namespace whose process is gone (or a zombie), and those of other hosts untouched for
-``STALE_FOREIGN_S`` seconds. A live writer's temporary is never removed.
+pid namespace whose process is gone (or a zombie), those of other hosts untouched for
+``STALE_FOREIGN_S`` seconds, and lock files of :func:`exclusive_lock` that nobody holds. A live
+writer's temporary or lock is never removed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -41,6 +43,7 @@ from ffn.errors import FFNError
 
 STALE_FOREIGN_S = 24 * 3600.0  # temporaries of other hosts untouched this long are removed
 _TEMP_RE = re.compile(r"^\..+\.~(?P<host>[^~/]+)~(?P<ns>\d+)~(?P<pid>\d+)~[0-9a-f]{8}[^~/]*\.tmp$")
+LOCK_SUFFIX = ".ffn-lock"
 _cleaned: set[str] = set()  # directories this process already cleaned
 _cleaned_lock = threading.Lock()
 
@@ -124,6 +127,10 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
   now = time.time()
   for entry in entries:
+    if entry.name.startswith(".") and entry.name.endswith(LOCK_SUFFIX):
+      if _remove_free_lock(Path(entry.path)):
+        removed.append(Path(entry.path))
+      continue
     match = _TEMP_RE.match(entry.name)
     if match is None:
       continue
@@ -139,6 +146,24 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
       _remove(path)
       removed.append(path)
   return removed
+
+
+def _remove_free_lock(lock: Path) -> bool:
+  """Removes the lock file of :func:`exclusive_lock` if nobody holds it (a killed holder's)."""
+  try:
+    fd = os.open(lock, os.O_RDWR)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+      return False
+    os.unlink(lock)
+    return True
+  except OSError:
+    return False
+  finally:
+    os.close(fd)
 
 
 def _clean_once(directory: Path) -> None:
@@ -265,6 +290,41 @@ def _swap_in(tmp: Path, target: Path) -> Path | None:
       os.rename(aside, target)
       raise
     return aside
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock for ``path``: writers that read, modify and replace ``path`` take it
+  so that none of them loses another's change. Threads and processes (also on other hosts where
+  the file system supports ``flock``) wait for each other.
+
+  The lock is an ``flock`` on the file ``.<name>.ffn-lock`` beside ``path``, removed again by
+  its holder on release; a waiter that then holds the lock of a removed file (its inode no longer
+  at that name) tries again, so two writers never hold "the" lock at once. A killed holder's file
+  is removed by :func:`clean_stale_temps` under the same protocol.
+  """
+  target = Path(path)
+  lock = check_writable_dir(target) / f".{target.name}{LOCK_SUFFIX}"
+  while True:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      try:
+        current = os.stat(lock)
+      except FileNotFoundError:
+        current = None
+      if current is not None and current.st_ino == os.fstat(fd).st_ino:
+        break
+    except BaseException:
+      os.close(fd)
+      raise
+    os.close(fd)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(lock)
+    os.close(fd)  # releases the lock
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -429,10 +429,13 @@ def write_h5(path: str, dataset: str, data: np.ndarray, attrs: dict | None = Non
              compression: str | None = "gzip", chunks: bool | tuple = True) -> None:
   """Writes ``data`` as ``path:dataset`` atomically.
 
-  If ``path`` already exists, its other datasets are kept (the file is copied to a temporary name,
-  the dataset replaced there, and the copy renamed over the original).
+  If ``path`` already exists, its other datasets are kept: under an exclusive lock for ``path``
+  (:func:`ffn.io.atomic.exclusive_lock`, so concurrent writers of other datasets of the same file
+  keep each other's), the file is copied to a temporary name, the dataset replaced there, the copy
+  flushed to disk and renamed over the original.
   """
-  with atomic_path(path, suffix=".h5") as tmp:
+  from ffn.io.atomic import exclusive_lock
+  with exclusive_lock(path), atomic_path(path, suffix=".h5") as tmp:
     if os.path.exists(path):
       import shutil
       shutil.copyfile(path, tmp)
