@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ffn.inference.export",
                "export a segmentation to HDF5 / TIFF / PNG / Neuroglancer precomputed, preview PNG"),
     "serve": ("ffn.inference.serve", "serve a folder over HTTP with CORS headers (for Neuroglancer)"),
+    "dvid": ("ffn.dvid.cli", "DVID: upload a segmentation as supervoxels, post an agglomeration's merges"),
     "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
 }
 

@@ -596,3 +596,29 @@ def test_mask_configs_are_checked_with_the_request(mask, message):
   with pytest.raises(FFNError) as e:
     check_request(parse_request(_request_text(f"masks {{ {mask} }}")))
   assert message in one_line(e)
+
+
+def test_tensorstore_image_and_mask_in_a_request(tmp_path):
+  """image and mask volumes as zarr:// / TensorStore JSON specs: the same result as from HDF5."""
+  import json
+  import tensorstore as ts
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  mask = np.zeros((30, 30, 30), np.uint8)
+  mask[:, :15, :15] = 1
+  with h5py.File(tmp_path / "m.h5", "w") as f:
+    f["m"] = mask
+  for name, data in (("img.zarr", _raw_blobs()), ("m.zarr", mask)):
+    ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / name)},
+             "metadata": {"dtype": "|u1", "shape": [30, 30, 30], "chunks": [10, 10, 10]}},
+            create=True).result()[...] = data
+  h5_mask = f'masks {{ volume {{ mask {{ hdf5: "{tmp_path}/m.h5:m" }} channels {{ channel: 0 values: 1 }} }} }}'
+  json_spec = json.dumps({"driver": "zarr", "kvstore": f"file://{tmp_path}/m.zarr"})
+  ts_mask = (f'masks {{ volume {{ mask {{ hdf5: {json.dumps(json_spec)} }} '
+             'channels { channel: 0 values: 1 } } }')
+  want, want_origins = storage.load_segmentation_file(_blob_runner(tmp_path / "a", extra=h5_mask).run())
+  runner = _blob_runner(tmp_path / "b", f"zarr://{tmp_path}/img.zarr", ts_mask)
+  seg, origins = storage.load_segmentation_file(runner.run())
+  assert len(want_origins) == 1
+  np.testing.assert_array_equal(seg, want)
+  assert origins.keys() == want_origins.keys()

@@ -239,3 +239,31 @@ def test_bad_tensorstore_specs_are_one_line(tmp_path, spec, message):
   with pytest.raises(FFNError, match=message) as e:
     volumes.Volume(spec.replace("{tmp}", str(tmp_path)))
   assert "\n" not in str(e.value)
+
+
+def test_tensorstore_inputs_through_the_commands(tmp_path, sample_fib25, capsys):
+  """`ffn stats` and `ffn evaluate` read zarr://, n5:// and precomputed:// inputs exactly as HDF5."""
+  from ffn.cli import main
+  from ffn.io import tensorstore_volumes as tv
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    raw, stack = f["raw"][:40, :40, :40], f["stack"][:40, :40, :40]
+  volumes.write_h5(str(tmp_path / "v.h5"), "raw", raw)
+  volumes.write_h5(str(tmp_path / "v.h5"), "stack", stack)
+  _write_tensorstore({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "raw.zarr")},
+                      "metadata": {"dtype": "|u1", "shape": [40, 40, 40], "chunks": [16, 16, 16]}}, raw)
+  _write_tensorstore({"driver": "n5", "kvstore": {"driver": "file", "path": str(tmp_path / "raw.n5")},
+                      "metadata": {"dataType": "uint8", "dimensions": [40, 40, 40], "blockSize": [16, 16, 16],
+                                   "compression": {"type": "gzip"}}}, raw)
+  layer = tv.parse_labels_spec(f"precomputed://{tmp_path}/gt")
+  tv.create_labels(layer, tv.LabelsLayout((40, 40, 40), chunk_zyx=(16, 16, 16)))
+  tv.LabelsWriter(layer).write((0, 0, 0), stack.astype(np.uint64))
+  outputs = []
+  for spec in (f"{tmp_path}/v.h5:raw", f"zarr://{tmp_path}/raw.zarr", f"n5://{tmp_path}/raw.n5"):
+    assert main(["stats", "--input", spec]) == 0
+    outputs.append(capsys.readouterr().out.split(": ", 1)[1])
+  assert outputs[0] == outputs[1] == outputs[2] and "64000 voxels" in outputs[0]
+  scores = []
+  for gt in (f"{tmp_path}/v.h5:stack", f"precomputed://{tmp_path}/gt"):
+    assert main(["evaluate", "--segmentation", f"{tmp_path}/v.h5:stack", "--groundtruth", gt]) == 0
+    scores.append(capsys.readouterr().out)
+  assert scores[0] == scores[1] and "0.0000" in scores[0]  # a segmentation scored against itself
