@@ -61,11 +61,16 @@ def _write_volume(tmp_path: Path) -> str:
   return f"{path}:svs"
 
 
-def _write_mapping(path: Path, extra: list[tuple[str, str]] = ()) -> Path:
+def _write_mapping(path: Path, extra: list[tuple[str, str]] = (), smallest: bool = False) -> Path:
+  """The agglomeration as ``supervoxel,body`` rows (``smallest``: as ``ffn.reseg`` writes it,
+  ``sv,body`` with each body named by its smallest supervoxel)."""
+  rows = sorted(BODY_OF.items())
+  if smallest:
+    rows = [(sv, min(_groups()[body])) for sv, body in rows]
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["supervoxel", "body"])
-    writer.writerows(sorted(BODY_OF.items()))
+    writer.writerow(["sv" if smallest else "supervoxel", "body"])
+    writer.writerows(rows)
     writer.writerows(extra)
   return path
 
@@ -91,7 +96,8 @@ class Setup:
     self.client.create_labelmap(self.uuid, "seg", BLOCK)
     self.volume = _write_volume(tmp_path)
     self.summary = upload(self.client, self.uuid, "seg", self.volume, str(tmp_path / "run"),
-                          _debug_options(), OFFSET_XYZ, chunk_blocks=2, index_timeout_s=60)
+                          _debug_options(), OFFSET_XYZ, chunk_blocks=2, num_tasks=1,
+                          index_timeout_s=60)
 
   def flags(self, uuid: str | None = None) -> list[str]:
     return ["--server", self.dvid.url, "--uuid", uuid or self.uuid, "--instance", "seg",
@@ -120,8 +126,11 @@ def _check_agglomerated(client: DvidClient, uuid: str) -> None:
     assert len(got) == 1 and 0 not in got, (body, got)
     dvid_body[body] = got.pop()
   assert len(set(dvid_body.values())) == len(groups)  # no two ground-truth bodies joined
-  gt_bodies = np.vectorize(lambda s: BODY_OF.get(int(s), 0), otypes=[np.uint64])(SVS)
-  ids, counts = np.unique(gt_bodies[gt_bodies > 0], return_counts=True)
+  svs_in, sv_counts = np.unique(SVS[SVS > 0], return_counts=True)
+  totals: dict[int, int] = {}
+  for sv, n in zip(svs_in.tolist(), sv_counts.tolist()):
+    totals[BODY_OF[sv]] = totals.get(BODY_OF[sv], 0) + n
+  ids, counts = np.array(sorted(totals)), np.array([totals[b] for b in sorted(totals)])
   sizes = client.sizes(uuid, "seg", [dvid_body[int(i)] for i in ids])
   assert sizes == counts.tolist()
   assert sum(sizes) == int(np.count_nonzero(SVS))
@@ -220,15 +229,18 @@ def test_merge_table_layouts(setup, tmp_path):
 
 def test_lost_merge_answers_are_checked_before_reposting(setup, tmp_path):
   """A 503 to a merge: the mapping shows it was not applied, so it is posted again, once; the
-  result has one merge per body."""
-  table = _write_mapping(tmp_path / "mapping.csv")
+  result has one merge per body. With ``ffn.reseg``'s ``sv,body`` mapping and ``--target
+  table`` every merge goes into the body's named (smallest) supervoxel."""
+  table = _write_mapping(tmp_path / "mapping.csv", smallest=True)
   setup.dvid.fail_next = (1, 503)
   log = tmp_path / "log.jsonl"
   assert main(["dvid", "post-merges", *setup.flags(), "--input", str(table), "--apply",
-               "--log", str(log)]) == 0
-  multi = sum(len(m) > 1 for m in _groups().values())
-  assert len(setup.client.mutations(setup.uuid, "seg")) == multi
-  assert len(log.read_text().splitlines()) == multi
+               "--target", "table", "--log", str(log)]) == 0
+  multi = [m for m in _groups().values() if len(m) > 1]
+  assert len(setup.client.mutations(setup.uuid, "seg")) == len(multi)
+  records = [json.loads(line) for line in log.read_text().splitlines()]
+  assert sorted(r["target"] for r in records) == sorted(min(m) for m in multi)
+  assert not any(r.get("recovered") for r in records)
   _check_agglomerated(setup.client, setup.uuid)
 
 

@@ -168,8 +168,9 @@ def add_post_merges_arguments(parser: argparse.ArgumentParser) -> None:
   from ffn.dvid.merges import TARGET_POLICIES
   _add_connection(parser)
   parser.add_argument("--input", required=True,
-                      help="merge table (CSV or .npy with id_a,id_b[,...] in neuclease's layout) "
-                           "or supervoxel -> body mapping (columns supervoxel,body)")
+                      help="merges made (CSV or .npy with id_a,id_b[,...] in neuclease's layout; "
+                           "every row is merged, so not a table of all candidate pairs) or a "
+                           "supervoxel -> body mapping (columns supervoxel,body or sv,body)")
   parser.add_argument("--apply", action="store_true",
                       help="post the merges (default: a dry run that prints what it would post)")
   parser.add_argument("--target", choices=TARGET_POLICIES, default="largest",

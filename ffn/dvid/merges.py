@@ -4,8 +4,11 @@ Input (:func:`read_merges`): a CSV with a header, or a ``.npy`` structured array
 * a merge table in neuclease's layout: columns ``id_a, id_b`` (supervoxel pairs; any further
   columns such as ``xa, ya, za, xb, yb, zb, score`` are ignored): each connected set of
   supervoxels is one body; or
-* a supervoxel -> body mapping: columns ``supervoxel, body``.
-Ids are non-negative integers, never 0; a supervoxel given two bodies is an error.
+* a supervoxel -> body mapping: columns ``supervoxel, body`` (or ``sv, body``, as ``ffn.reseg``
+  and neuclease name them).
+Ids are non-negative integers, never 0; a supervoxel given two bodies is an error. Every row of a
+merge table is a merge: give the merges made (``ffn.reseg``'s ``merges.csv``) or the mapping, not
+a table of all scored candidate pairs.
 
 Plan (:func:`plan_merges`, nothing posted): the current body of every supervoxel involved is read
 from DVID (``GET mapping``, in batches). A supervoxel DVID does not know (mapping 0) stops
@@ -45,6 +48,7 @@ _log = logging.getLogger(__name__)
 
 MERGE_COLUMNS = ("id_a", "id_b")
 MAPPING_COLUMNS = ("supervoxel", "body")
+ALIASES = {"sv": "supervoxel"}
 TARGET_POLICIES = ("largest", "table")
 MERGE_ATTEMPTS = 3  # posts of one merge whose answers were lost (each checked first)
 
@@ -66,7 +70,7 @@ class MergeInput:
 
 def _column_arrays(path: str) -> tuple[dict[str, np.ndarray], int]:
   """{column: uint64 array} of the id columns of a CSV or structured .npy, and the row count."""
-  wanted = MERGE_COLUMNS + MAPPING_COLUMNS
+  wanted = MERGE_COLUMNS + MAPPING_COLUMNS + tuple(ALIASES)
   if path.lower().endswith(".npy"):
     try:
       table = np.load(path, allow_pickle=False)
@@ -81,7 +85,7 @@ def _column_arrays(path: str) -> tuple[dict[str, np.ndarray], int]:
           raise FFNError(f"{path}: column {name!r} has dtype {values.dtype.name}, expected integers")
         if values.size and values.min() < 0:
           raise FFNError(f"{path}: column {name!r} has a negative id ({values.min()})")
-        columns[name] = values.astype(np.uint64)
+        columns[ALIASES.get(name, name)] = values.astype(np.uint64)
     if not names:
       raise FFNError(f"{path}: expected a structured array with fields id_a, id_b or "
                      "supervoxel, body")
@@ -95,7 +99,7 @@ def _column_arrays(path: str) -> tuple[dict[str, np.ndarray], int]:
     header = next(reader, None)
     if header is None:
       raise FFNError(f"{path}: empty file (expected a header: id_a,id_b or supervoxel,body)")
-    header = [h.strip() for h in header]
+    header = [ALIASES.get(h.strip(), h.strip()) for h in header]
     index = {name: header.index(name) for name in wanted if name in header}
     if not index:
       raise FFNError(f"{path}: header {','.join(header)!r} has neither id_a,id_b nor "

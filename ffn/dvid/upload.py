@@ -180,7 +180,7 @@ def expected_sizes(worker: UploadWorker, items: Sequence[WorkItem]) -> dict[int,
 
 
 def wait_for_index(client: DvidClient, uuid: str, instance: str, expected: dict[int, int],
-                   timeout_s: float, poll_s: float = 0.5) -> float:
+                   timeout_s: float, poll_s: float = 0.25) -> float:
   """Polls ``sizes?supervoxels=true`` until DVID's index gives every label its expected voxel
   count; returns the seconds waited. FFNError after ``timeout_s``."""
   labels = sorted(expected)
