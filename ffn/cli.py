@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ffn.inference.serve", "serve a folder over HTTP with CORS headers (for Neuroglancer)"),
     "dvid": ("ffn.dvid.cli", "DVID: upload a segmentation as supervoxels, post an agglomeration's merges"),
     "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
+    "reseg": ("ffn.reseg.cli", "FFN-guided resegmentation: pairs, run, analyze, agglomerate, queue"),
 }
 
 
