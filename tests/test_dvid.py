@@ -29,6 +29,8 @@ from ffn.cli import main
 from ffn.dvid.client import DvidClient, DvidError, DvidUnreachable
 from ffn.dvid.merges import read_merges
 from ffn.dvid.upload import upload
+from ffn.errors import FFNError
+from ffn.io.tensorstore_volumes import LabelsLayout, LabelsWriter, create_labels, parse_labels_spec
 from slurm.executor import SlurmOptions
 
 CROP_ZYX = (slice(10, 58), slice(0, 80), slice(30, 102))  # 48 x 80 x 72 (z,y,x) of the sample
@@ -165,6 +167,27 @@ def test_upload_round_trip_waits_for_index_and_resumes(tmp_path):
     assert main(args) == 2
   finally:
     s.close()
+
+
+def test_upload_zarr_at_its_stored_offset(tmp_path):
+  """A zarr:// volume goes to its own voxel offset (stored in .zattrs) when --offset is not
+  given."""
+  spec = parse_labels_spec(f"zarr://{tmp_path / 'svs.zarr'}")
+  part = SVS[:, :40, :40]
+  offset_zyx = (64, 3, 70)
+  create_labels(spec, LabelsLayout(part.shape, offset_zyx, (16, 16, 16)))
+  LabelsWriter(spec).write(offset_zyx, part)
+  with StandinDvid(index_delay_s=0.2) as dvid:
+    client = DvidClient(dvid.url)
+    uuid = client.create_repo("zarr")
+    client.create_labelmap(uuid, "seg", BLOCK)
+    assert main(["dvid", "upload", "--server", dvid.url, "--uuid", uuid, "--instance", "seg",
+                 "--input", str(spec), "--run_dir", str(tmp_path / "run"), "--cluster",
+                 "debug"]) == 0
+    got = client.get_raw(uuid, "seg", offset_zyx[::-1], part.shape)
+    np.testing.assert_array_equal(got, part)
+    assert client.labels_at(uuid, "seg", [[69, 2, 63]], supervoxels=True) == [0]  # padding
+    client.close()
 
 
 def test_post_merges_dry_run_apply_and_rerun(setup, tmp_path, capsys):
@@ -335,9 +358,9 @@ def test_bad_merge_inputs_one_line_nothing_posted(shared, tmp_path, capsys, case
 def test_bad_table_files(tmp_path, content, phrase):
   path = tmp_path / "t.csv"
   path.write_text(content)
-  with pytest.raises(Exception, match=phrase):
+  with pytest.raises(FFNError, match=phrase):
     read_merges(path)
-  with pytest.raises(Exception, match="file not found"):
+  with pytest.raises(FFNError, match="file not found"):
     read_merges(tmp_path / "missing.csv")
 
 

@@ -193,7 +193,8 @@ class DvidClient:
         "typename": "labelmap", "dataname": instance,
         "BlockSize": ",".join([str(int(block_size))] * 3),
         "VoxelSize": ",".join(f"{float(v):g}" for v in voxel_size), "VoxelUnits": voxel_units,
-        "MaxDownresLevel": str(int(max_downres_level))}, repeatable=False)
+        "IndexedLabels": "true", "MaxDownresLevel": str(int(max_downres_level))},
+        repeatable=False)
 
   def instance_info(self, uuid: str, instance: str) -> dict[str, Any]:
     return self.get_json(f"node/{uuid}/{instance}/info")

@@ -127,6 +127,8 @@ def chunk_boxes(start_xyz: Sequence[int], size_xyz: Sequence[int], block_xyz: Se
 class UploadWorker(Worker):
   """Posts chunks (each task its own DVID client); pickled to the tasks."""
 
+  _client: DvidClient | None = None  # per task, not pickled
+
   def __init__(self, run_dir: str, client_args: dict[str, Any], uuid: str, instance: str,
                source: Source, offset_xyz: Sequence[int]):
     self.run_dir = run_dir
@@ -135,7 +137,6 @@ class UploadWorker(Worker):
     self.instance = instance
     self.source = source
     self.offset_xyz = [int(v) for v in offset_xyz]
-    self._client: DvidClient | None = None
 
   def record_path(self, item: WorkItem) -> Path:
     return Path(self.run_dir) / "chunks" / f"{item.id}.json"
