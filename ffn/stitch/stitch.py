@@ -8,7 +8,8 @@ Work directory (``--work_dir``, default ``<output path>.stitch``)::
   chunks/<x>_<y>_<z>.npz             per chunk: its sorted ids, the labels of the box it owns and
                                      of every overlap it shares with another chunk
   pairs/<x>_<y>_<z>.npz              per chunk: the accepted merges with every later chunk it
-                                     overlaps, and counters
+                                     overlaps, the voxels of its owned box filled from other
+                                     chunks (:mod:`ffn.stitch.fill`), and counters
   global/<x>_<y>_<z>.npy             per chunk: the global id of each of its sorted ids
   blocks/<x>_<y>_<z>.json            per output block, once written: counters
   idmap.npz                          (chunk, local id) -> global id of every object
@@ -22,12 +23,14 @@ Phases (each skips what is already done, so a re-run of the same command resumes
 2. **extract** (array over chunks): a task loads a chunk once (through
    :mod:`ffn.inference.storage`, optionally the split consensus of two runs) and keeps only its ids,
    its owned box and its overlaps.
-3. **match** (array over chunks; each item is the overlaps of one chunk with the later chunks it
-   shares voxels with): a task reads the two copies of each overlap and applies the merge rule
-   (:mod:`ffn.stitch.match`).
+3. **match** (array over chunks; each item is the overlaps of one chunk with the chunks it shares
+   voxels with): a task reads the two copies of each overlap with a later chunk and applies the
+   merge rule (:mod:`ffn.stitch.match`), and takes the voxels of its owned box that it left
+   unsegmented from the chunk that segmented them from deepest inside (:mod:`ffn.stitch.fill`).
 4. **resolve** (this process, ids only): union-find and global ids (:mod:`ffn.stitch.ids`).
 5. **write** (array over output blocks aligned to the output's storage chunks or shards): a task
-   assembles one block from the owned boxes of the chunks that own it, relabelled, and writes it.
+   assembles one block from the owned boxes of the chunks that own it and their filled voxels,
+   relabelled, and writes it.
 6. **finalise** (this process): ``summary.json``, then the staged volume is renamed into place
    (Zarr, precomputed; staged as ``.<name>.partial`` beside the output) or streamed block by block
    into the HDF5 file (staged as ``staging.zarr`` in the work directory). The output therefore
@@ -65,6 +68,7 @@ from ffn.io.atomic import atomic_path, write_text_atomic
 from ffn.io.tensorstore_volumes import (LabelsLayout, LabelsSpec, LabelsWriter, copy_to_h5,
                                         create_labels, labels_exist, sharding_for)
 from ffn.stitch import ids as idlib
+from ffn.stitch.fill import Filled, UnsegmentedFill
 from ffn.stitch.match import match_overlap
 from ffn.stitch.tiling import Box, Tiling, check_expected, infer_tiling, intersect, local_slices
 from ffn.stitch.tiling import owners_of, write_blocks
@@ -72,6 +76,7 @@ from ffn.stitch.tiling import owners_of, write_blocks
 _log = logging.getLogger(__name__)
 
 PLAN = "plan.json"
+WORK_FORMAT = 2  # layout of the work directory's files (2: pairs files hold the fill)
 
 
 def _name(corner_zyx: Sequence[int]) -> str:
@@ -237,7 +242,7 @@ class Plan:
             "output": str(self.output), "min_agreement": p.min_agreement,
             "min_overlap": p.min_overlap, "block_size": list(p.block_zyx[::-1]),
             "chunk_size": list(p.chunk_zyx[::-1]), "resolution": list(p.resolution_nm_xyz),
-            "sharded": p.sharded}
+            "sharded": p.sharded, "work_format": WORK_FORMAT}
 
 
 def _batch_manifest(path: Path) -> tuple[dict, list[WorkItem]] | None:
@@ -435,6 +440,15 @@ class ExtractWorker(_PhaseWorker):
     _save_npz_members(self.chunk_file(index), members())
 
 
+def neighbours(tiling: Tiling) -> list[list[int]]:
+  """Per chunk, the other chunks whose boxes share voxels with it (ascending)."""
+  out: list[list[int]] = [[] for _ in range(tiling.num_chunks)]
+  for i, j in tiling.pairs():
+    out[i].append(j)
+    out[j].append(i)
+  return [sorted(n) for n in out]
+
+
 def forward_pairs(tiling: Tiling) -> dict[int, list[int]]:
   """Chunk i -> the chunks j > i whose boxes share voxels with it (chunks with none left out)."""
   out: dict[int, list[int]] = {}
@@ -444,10 +458,15 @@ def forward_pairs(tiling: Tiling) -> dict[int, list[int]]:
 
 
 class MatchWorker(_PhaseWorker):
-  """Phase 3: per chunk i, the overlaps with every later chunk j it shares voxels with, in
-  ``pairs/<name i>.npz``: the accepted merges (``ids_i_<j>``, ``ids_j_<j>``, ``counts_<j>``,
-  ``scores_<j>``), ``counters`` (JSON: j -> counters of that overlap) and ``memory`` (JSON). One
-  item per chunk rather than per pair keeps the number of small files (and fsyncs) low."""
+  """Phase 3: per chunk i, ``pairs/<name i>.npz`` with
+
+  * the accepted merges with every later chunk j it shares voxels with (``ids_i_<j>``,
+    ``ids_j_<j>``, ``counts_<j>``, ``scores_<j>``; :mod:`ffn.stitch.match`),
+  * the voxels of its owned box that it left unsegmented and another chunk labelled
+    (``fill_index``, ``fill_source``, ``fill_label``; :mod:`ffn.stitch.fill`),
+  * ``counters`` (JSON: j -> counters of that overlap; ``filled_voxels``) and ``memory`` (JSON).
+
+  One item per chunk rather than per pair keeps the number of small files (and fsyncs) low."""
 
   def __init__(self, work_dir: Path, tiling: Tiling, min_agreement: float, min_overlap: int):
     super().__init__(work_dir, tiling)
@@ -463,20 +482,33 @@ class MatchWorker(_PhaseWorker):
   def process(self, item: WorkItem) -> None:
     self.start_memory()
     i = int(item.id.split(":")[0])
+    tiling = self.tiling
+    box = tiling.chunk_box(i)
+    owned_box = tiling.owned_box(i)
     arrays: dict[str, np.ndarray] = {}
-    counters: dict[str, dict] = {}
+    counters: dict[str, Any] = {}
     with np.load(self.chunk_file(i)) as mine:
-      for j in forward_pairs(self.tiling)[i]:
-        a = mine[f"ov_{j}"]
+      fill = UnsegmentedFill(mine["owned"], owned_box)
+      for j in neighbours(tiling)[i]:
         with np.load(self.chunk_file(j)) as theirs:
           b = theirs[f"ov_{i}"]
-        matches = match_overlap(a, b, self.min_agreement, self.min_overlap)
-        del a, b
-        arrays.update({f"ids_i_{j}": matches.ids_a, f"ids_j_{j}": matches.ids_b,
-                       f"counts_{j}": matches.counts, f"scores_{j}": matches.scores})
-        counters[str(j)] = matches.counters
+        shared = intersect(box, tiling.chunk_box(j))
+        region = intersect(owned_box, tiling.chunk_box(j))
+        assert shared is not None
+        if region is not None:
+          fill.offer(j, tiling.chunk_box(j), region, b[local_slices(region, shared)])
+        if j > i:
+          matches = match_overlap(mine[f"ov_{j}"], b, self.min_agreement, self.min_overlap)
+          arrays.update({f"ids_i_{j}": matches.ids_a, f"ids_j_{j}": matches.ids_b,
+                         f"counts_{j}": matches.counts, f"scores_{j}": matches.scores})
+          counters[str(j)] = matches.counters
+        del b
+    filled = fill.result()
+    del fill
+    counters["filled_voxels"] = int(filled.index.size)
     _save_npz(self.pair_file(i), counters=np.array(json.dumps(counters)),
-              memory=np.array(json.dumps(self._memory_fields())), **arrays)
+              memory=np.array(json.dumps(self._memory_fields())), fill_index=filled.index,
+              fill_source=filled.source, fill_label=filled.label, **arrays)
 
 
 class WriteWorker(_PhaseWorker):
@@ -503,16 +535,39 @@ class WriteWorker(_PhaseWorker):
     out = np.zeros(shape, np.uint64)
     for index, part in owners_of(self.tiling, block):
       owned_box = self.tiling.owned_box(index)
-      name = _name(self.tiling.chunk_box(index)[0])
       with np.load(self.chunk_file(index)) as data:
         owned, local = data["owned"], data["ids"]
-      global_ids = np.load(Path(self.work_dir) / "global" / f"{name}.npy")
-      _relabel_into(out[local_slices(part, block)], owned[local_slices(part, owned_box)], local,
-                    global_ids)
+      target = out[local_slices(part, block)]
+      _relabel_into(target, owned[local_slices(part, owned_box)], local, self._global_ids(index))
       del owned
+      with np.load(Path(self.work_dir) / "pairs" / f"{_name(self.tiling.chunk_box(index)[0])}.npz"
+                   ) as data:
+        filled = Filled(data["fill_index"], data["fill_source"], data["fill_label"])
+      self._apply_fill(target, part, owned_box, filled)
     self._writer.write(corner, out)
     write_text_atomic(self.block_file(item), json.dumps({"voxels": int(out.size),
                                                          **self._memory_fields()}) + "\n")
+
+
+  def _global_ids(self, index: int) -> np.ndarray:
+    return np.load(Path(self.work_dir) / "global" / f"{_name(self.tiling.chunk_box(index)[0])}.npy")
+
+  def _apply_fill(self, target: np.ndarray, part: Box, owned_box: Box, filled: Filled) -> None:
+    """Writes the filled voxels of ``owned_box`` that lie in ``part`` into ``target`` (the
+    block's view of ``part``), each through its source chunk's global ids."""
+    if not filled.index.size:
+      return
+    coords = np.unravel_index(filled.index, owned_box[1])
+    rel = [c + o - p for c, o, p in zip(coords, owned_box[0], part[0])]
+    inside = np.ones(filled.index.size, bool)
+    for r, n in zip(rel, part[1]):
+      inside &= (r >= 0) & (r < n)
+    for j in np.unique(filled.source[inside]).tolist():
+      sel = inside & (filled.source == j)
+      with np.load(self.chunk_file(j)) as data:
+        ids = data["ids"]
+      gids = self._global_ids(j)[np.searchsorted(ids, filled.label[sel])]
+      target[tuple(r[sel] for r in rel)] = gids
 
 
 _DENSE_MAX_ID = 1 << 22  # local ids up to this are relabelled through a dense table
@@ -547,22 +602,28 @@ def resolve(plan: Plan) -> dict[str, Any]:
   offsets = idlib.node_offsets(ids_per_chunk)
   edges_a, edges_b = [], []
   totals: dict[str, int] = {}
-  for i, partners in forward_pairs(tiling).items():
+  num_nodes = int(offsets[-1])
+  owns = np.zeros(num_nodes, bool)
+  for index, owned in enumerate(owned_per_chunk):
+    owns[idlib.node_index(ids_per_chunk[index], offsets[index], owned)] = True
+  partners = forward_pairs(tiling)
+  filled_voxels = 0
+  for i in range(tiling.num_chunks):
     with np.load(work / "pairs" / f"{plan.names[i]}.npz") as data:
       counters = json.loads(str(data["counters"]))
-      for j in partners:
+      for j in partners.get(i, []):
         edges_a.append(idlib.node_index(ids_per_chunk[i], offsets[i], data[f"ids_i_{j}"]))
         edges_b.append(idlib.node_index(ids_per_chunk[j], offsets[j], data[f"ids_j_{j}"]))
         for key in ("pairs", "below_min_overlap", "below_min_agreement", "not_one_to_one",
                     "merged"):
           totals[key] = totals.get(key, 0) + counters[str(j)][key]
-  num_nodes = int(offsets[-1])
+      filled = Filled(data["fill_index"], data["fill_source"], data["fill_label"])
+    filled_voxels += counters["filled_voxels"]
+    for j in np.unique(filled.source).tolist():  # ids that reach the output through the fill
+      owns[idlib.node_index(ids_per_chunk[j], offsets[j], filled.ids_of(j))] = True
   a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
   b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
   classes = idlib.equivalence_classes(num_nodes, a, b)
-  owns = np.zeros(num_nodes, bool)
-  for index, owned in enumerate(owned_per_chunk):
-    owns[idlib.node_index(ids_per_chunk[index], offsets[index], owned)] = True
   gids = idlib.global_ids(classes, owns)
   (work / "global").mkdir(exist_ok=True)
   for index in range(tiling.num_chunks):
@@ -582,6 +643,7 @@ def resolve(plan: Plan) -> dict[str, Any]:
   return {"objects": num_objects, "nodes": num_nodes,
           "objects_merged_across_seams": int((nodes_per_object > 1).sum()),
           "nodes_without_output_voxels": int((gids == 0).sum()), "overlaps": totals,
+          "voxels_filled_from_other_chunks": filled_voxels,
           "per_chunk": per_chunk}
 
 
@@ -633,12 +695,15 @@ def chunk_items(plan: Plan) -> list[WorkItem]:
 
 
 def match_items(plan: Plan) -> list[WorkItem]:
-  """One item per chunk with later overlapping chunks; cost: the voxels of its overlaps, twice."""
+  """One item per chunk; cost: the voxels of its overlaps with later chunks twice (matching)
+  plus those of all its overlaps once (the fill)."""
   items = []
-  for i, partners in forward_pairs(plan.tiling).items():
+  later = forward_pairs(plan.tiling)
+  for i, others in enumerate(neighbours(plan.tiling)):
     box = plan.tiling.chunk_box(i)
-    cost = sum(2 * _voxels(intersect(box, plan.tiling.chunk_box(j))) for j in partners)  # type: ignore[arg-type]
-    items.append(WorkItem(f"{i}:{plan.names[i]}", _bbox(box), _bbox(box), cost))
+    cost = sum((3 if j in later.get(i, []) else 1)
+               * _voxels(intersect(box, plan.tiling.chunk_box(j))) for j in others)  # type: ignore[arg-type]
+    items.append(WorkItem(f"{i}:{plan.names[i]}", _bbox(box), _bbox(box), max(cost, 1)))
   return items
 
 

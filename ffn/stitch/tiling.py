@@ -13,6 +13,8 @@ axis, chunk ``i`` owns ``[m_i, m_{i+1})`` where ``m_0 = s_0``, ``m_n = e_{n-1}``
 ``m_i = (s_i + e_{i-1}) // 2`` splits the overlap of intervals ``i - 1`` and ``i`` in the middle
 (for an odd overlap the middle voxel goes to the later chunk). For chunks of one size along the
 axis (what ``split_box`` makes) this is the chunk whose centre is nearest, ties to the later one.
+Where the owner left a voxel unsegmented (0) and another covering chunk did not, the voxel is
+taken from that chunk (:mod:`ffn.stitch.fill`; also a rule on the labels, not on write order).
 
 **Pairs** to match: every two chunks whose boxes share at least one voxel -- face neighbours (a
 slab), edge neighbours (a column), corner neighbours (a small cube), and, where ``split_box`` moved
