@@ -26,6 +26,7 @@ from ffn.errors import FFNError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ffn.data.prepare", "stats, partitions and coordinates of a labelled volume (default: the shipped sample)"),
     "convert": ("ffn.data.convert", "convert a PNG/TIFF slice stack to an HDF5 dataset"),
+    "preprocess": ("ffn.data.preprocess", "CLAHE of each section of an image stack (--clahe) -> uint8 HDF5"),
     "stats": ("ffn.data.stats", "image mean, standard deviation and histogram (for normalisation)"),
     "apply_transforms": ("ffn.data.groundtruth",
                          "map superpixel ground truth to body labels with a transforms table"),

@@ -158,3 +158,119 @@ def test_cli_missing_dataset_one_line_error(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2 and len(err) == 1 and "no dataset 'transforms'" in err[0]
   assert sorted(os.listdir(tmp_path)) == ["gt.h5"]
+
+
+# -- binary masks, 16-bit label PNGs, CLAHE -------------------------------------------------------
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+  """Whether two label volumes are equal up to a one-to-one renaming of ids (0 kept as 0)."""
+  pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+  return (len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+          and np.array_equal(a == 0, b == 0))
+
+
+def _objects_with_membranes(labels: np.ndarray) -> np.ndarray:
+  """``labels`` with every voxel that touches another id (6-neighbourhood) set to 0: the
+  interiors, separated by one-voxel membranes."""
+  out = labels.copy()
+  for axis in range(3):
+    for step in (1, -1):
+      shifted = np.roll(labels, step, axis)
+      edge = [slice(None)] * 3
+      edge[axis] = 0 if step == 1 else -1
+      shifted[tuple(edge)] = labels[tuple(edge)]
+      out[shifted != labels] = 0
+  return out
+
+
+def test_inverted_mask_stack_converts_to_the_label_volumes_instances(tmp_path, sample_fib25, capsys):
+  """A membrane-separated crop of the shipped bodies as a black-objects-on-white TIF stack:
+  `ffn convert --kind mask --invert` gives back the same instances (its 6-connected objects)."""
+  import tifffile
+  from scipy import ndimage
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    bodies = f["stack"][:24, :40, :40]
+  interiors = _objects_with_membranes(bodies)
+  # The oracle (scipy, not cc3d): each interior's own 6-connected pieces (a body may fall apart).
+  truth = np.zeros_like(interiors)
+  next_id = 1
+  for body in np.unique(interiors[interiors > 0]):
+    pieces, n = ndimage.label(interiors == body, ndimage.generate_binary_structure(3, 1))
+    for piece in range(1, n + 1):
+      truth[pieces == piece] = next_id
+      next_id += 1
+  assert next_id > 10
+  stack = tmp_path / "mask"
+  stack.mkdir()
+  for z, plane in enumerate(np.where(interiors > 0, 0, 255).astype(np.uint8)):  # objects black
+    tifffile.imwrite(stack / f"m{z:03d}.tif", plane)
+  assert main(["convert", "--kind", "mask", "--invert", "--threshold", "127", "--input", str(stack),
+               "--output", f"{tmp_path}/gt.h5:stack"]) == 0
+  with h5py.File(tmp_path / "gt.h5", "r") as f:
+    out = f["stack"][()]
+  assert out.dtype == np.int64 and _same_partition(out, truth)
+  assert f"{next_id - 1} objects" in capsys.readouterr().out
+  # ids in the order of their first voxel (z, y, x)
+  first = [np.flatnonzero(out.ravel() == i)[0] for i in range(1, next_id)]
+  assert first == sorted(first)
+
+
+def test_mask_connectivity_and_min_size():
+  from ffn.data import masks
+  mask = np.zeros((4, 6, 6), bool)
+  mask[0, 0, 0] = mask[1, 1, 1] = True  # corner neighbours: joined only at 26
+  mask[0, 3, 3] = mask[0, 4, 4] = True  # edge neighbours: joined at 18 and 26
+  mask[2:4, 0:3, 3:6] = True  # 18 voxels
+  counts = {c: int(masks.instances(mask, c).max()) for c in (6, 18, 26)}
+  assert counts == {6: 5, 18: 4, 26: 3}
+  big_only = masks.instances(mask, 6, min_size=3)
+  assert big_only.max() == 1 and (big_only == 1).sum() == 18 and not big_only[0].any()
+  grey = np.array([[[0, 100, 200]]], np.uint8)
+  np.testing.assert_array_equal(masks.foreground(grey, 100), [[[False, False, True]]])
+  np.testing.assert_array_equal(masks.foreground(grey, 100, invert=True), [[[True, True, False]]])
+  with pytest.raises(FFNError, match="--connectivity must be one of"):
+    masks.instances(mask, 8)
+
+
+def test_16bit_label_pngs_convert_to_int64(tmp_path):
+  labels = np.random.default_rng(5).integers(0, 65536, (3, 6, 7)).astype(np.uint16)
+  labels[0, 0, 0] = 65535
+  _write_png_stack(tmp_path / "png16", labels)
+  with Image.open(tmp_path / "png16" / "slice0.png") as im:
+    assert im.mode == "I;16"  # a real 16-bit greyscale PNG
+  assert main(["convert", "--kind", "labels", "--input", str(tmp_path / "png16"),
+               "--output", f"{tmp_path}/l.h5:stack"]) == 0
+  with h5py.File(tmp_path / "l.h5", "r") as f:
+    assert f["stack"].dtype == np.int64
+    np.testing.assert_array_equal(f["stack"][()], labels)
+
+
+def test_preprocess_clahe_matches_skimage(tmp_path, sample_fib25):
+  """`ffn preprocess --clahe` on a PNG stack of the shipped raw equals skimage's
+  equalize_adapthist of each section with the same kernel / clip / bins (as uint8), and raises the
+  contrast of a low-contrast section."""
+  from skimage import exposure
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    raw = f["raw"][:3, :64, :80]
+  raw[1] = (raw[1] // 4 + 96).astype(np.uint8)  # low contrast: values 96..159
+  _write_png_stack(tmp_path / "png", raw)
+  assert main(["preprocess", "--clahe", "--input", str(tmp_path / "png"),
+               "--output", f"{tmp_path}/c.h5:raw", "--clahe_kernel_size", "20,16",
+               "--clahe_clip_limit", "0.02", "--clahe_nbins", "128"]) == 0
+  with h5py.File(tmp_path / "c.h5", "r") as f:
+    out = f["raw"][()]
+  assert out.dtype == np.uint8 and out.shape == raw.shape
+  for z in range(3):
+    want = exposure.equalize_adapthist(raw[z], kernel_size=(16, 20), clip_limit=0.02, nbins=128)
+    # both round the same float64 values: identical
+    np.testing.assert_array_equal(out[z], np.rint(want * 255).astype(np.uint8))
+  assert out[1].std() > 1.5 * raw[1].std()
+
+
+def test_preprocess_bad_input_is_one_line_and_no_output(tmp_path, capsys):
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["raw"] = np.zeros((2, 8, 8), np.float32)
+  rc = main(["preprocess", "--clahe", "--input", f"{tmp_path}/v.h5:raw", "--output", f"{tmp_path}/o.h5:raw"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and "float32 is not allowed" in err[0]
+  assert not (tmp_path / "o.h5").exists()

@@ -2,7 +2,9 @@
 
 Reads a PNG/TIFF slice stack (or any volume spec) slab by slab and writes an HDF5 dataset, so the
 whole volume is never held in memory. ``--kind image`` stores raw EM as uint8; ``--kind labels``
-stores a segmentation as int64 (the dtype google/ffn's training and evaluation expect).
+stores a segmentation (any integer type, e.g. 16-bit PNGs or TIFFs) as int64 (the dtype
+google/ffn's training and evaluation expect); ``--kind mask`` turns a binary mask stack into
+instance labels by connected components (:mod:`ffn.data.masks`; read whole).
 """
 
 from __future__ import annotations
@@ -65,11 +67,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="input volume: a directory or glob of PNG/TIFF slices (one per z, natural "
                            "name order), a multi-page TIFF, or path.h5:dataset")
   parser.add_argument("--output", required=True, help="output HDF5 spec, path.h5:dataset")
-  parser.add_argument("--kind", choices=sorted(OUTPUT_DTYPES), default="image",
-                      help="image -> uint8 raw EM; labels -> int64 segmentation")
+  parser.add_argument("--kind", choices=sorted(OUTPUT_DTYPES) + ["mask"], default="image",
+                      help="image -> uint8 raw EM; labels -> int64 segmentation; mask -> int64 "
+                           "instances of a binary mask (connected components)")
+  mask = parser.add_argument_group("--kind mask")
+  mask.add_argument("--invert", action="store_true",
+                    help="objects are the dark voxels (value <= --threshold), e.g. black on white")
+  mask.add_argument("--threshold", type=float, default=0,
+                    help="foreground: value > threshold (default 0: any non-zero value)")
+  mask.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=6,
+                    help="3D neighbours that connect an object: faces (6), +edges (18), +corners (26)")
+  mask.add_argument("--min_size", type=int, default=0,
+                    help="objects of fewer voxels become background 0")
 
 
 def run(args: argparse.Namespace) -> int:
+  if args.kind == "mask":
+    from ffn.data.masks import convert_mask
+    shape, count = convert_mask(args.input, args.output, args.invert, args.threshold,
+                                args.connectivity, args.min_size)
+    print(f"{args.output}: shape (z,y,x) {shape}, dtype int64, {count} objects")
+    return 0
   shape = convert_volume(args.input, args.output, args.kind)
   print(f"{args.output}: shape (z,y,x) {shape}, dtype {np.dtype(OUTPUT_DTYPES[args.kind]).name}")
   return 0
