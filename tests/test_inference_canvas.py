@@ -186,6 +186,103 @@ def test_checkpoint_resume_mid_object_gives_identical_result(tmp_path):
   assert {k: v.iters for k, v in resumed.origins.items()} == {k: v.iters for k, v in full.origins.items()}
 
 
+def _interrupted_checkpoint(tmp_path, policy) -> str:
+  """Our checkpoint of a canvas stopped by an exception at its 5th network call (mid-object)."""
+  class Stop(Exception):
+    pass
+
+  calls = {"n": 0}
+  def stopping_oracle(x):
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise Stop
+    return oracle(x)
+
+  path = str(tmp_path / "ours.cpoint")
+  first = Canvas(blobs_image(), options(), stopping_oracle, FOV, DELTAS, checkpoint_path=path,
+                 checkpoint_interval_sec=1e-9)
+  with pytest.raises(Stop):
+    first.segment_all(policy)
+  return path
+
+
+def test_checkpoint_has_googles_shapes_and_googles_restore_reads_it(tmp_path):
+  """movement_policy is google HEAD's np.asarray([(deque, set, start)], dtype=object) and
+  seed_policy_state google's np.asarray((coords, idx), dtype=object); the reads google's
+  restore_checkpoint does (``state[0]`` unpacked into three, the seed state into two, ``.item()``
+  of origins, overlaps and counters) work on it."""
+  import collections
+  import json
+  policy = seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}')
+  path = _interrupted_checkpoint(tmp_path, policy)
+  with np.load(path, allow_pickle=True) as data:
+    movement, seed_state = data["movement_policy"], data["seed_policy_state"]
+    assert movement.dtype == object and movement.shape == (1, 3)
+    scored_coords, done_rounded_coords, start_pos = movement[0]
+    assert isinstance(scored_coords, collections.deque) and isinstance(done_rounded_coords, set)
+    assert len(done_rounded_coords) > 0 and len(start_pos) == 3
+    assert seed_state.dtype == object and seed_state.shape == (2,)
+    coords, idx = seed_state
+    assert coords.shape[1] == 3 and 0 <= idx < coords.shape[0]
+    assert isinstance(data["origins"].item(), dict) and isinstance(data["overlaps"].item(), dict)
+    assert isinstance(json.loads(data["counters"].item()), dict)
+    for key in ("segmentation", "seed", "seg_qprob", "history", "history_deleted"):
+      assert key in data
+
+
+def _rewrite_checkpoint(ours: str, out: str, form: str) -> None:
+  """Our checkpoint ``ours`` rewritten as ``google`` builds one (its save_checkpoint's keys and
+  values: np.savez_compressed of the raw dicts, the movement state as
+  np.asarray([(deque, set, start)], dtype=object), the seed state as
+  np.asarray((coords, idx), dtype=object); no min_pos/max_pos/partial_segment_iters), or in the
+  ``old`` form this toolkit wrote before (0-d boxed tuples)."""
+  import collections
+  with np.load(ours, allow_pickle=True) as data:
+    arrays = {k: data[k] for k in data.files}
+  seed_state, movement = arrays["seed_policy_state"], arrays["movement_policy"]
+  coords, idx = seed_state.item() if seed_state.shape == () else seed_state
+  queue, done, start = movement.item() if movement.shape == () else movement[0]
+  if form == "google":
+    np.savez_compressed(
+        out, movement_policy=np.asarray([(collections.deque(queue), set(done), tuple(start))],
+                                        dtype=object),
+        segmentation=arrays["segmentation"], seg_qprob=arrays["seg_qprob"], seed=arrays["seed"],
+        origins=arrays["origins"].item(), overlaps=arrays["overlaps"].item(),
+        history=np.array([]), history_deleted=np.array([]),
+        seed_policy_state=np.asarray((coords, idx), dtype=object),
+        counters=str(arrays["counters"]))
+  else:
+    def boxed(value):
+      box = np.empty((), dtype=object)
+      box[()] = value
+      return box
+    arrays["movement_policy"] = boxed((list(queue), set(done), list(start)))
+    arrays["seed_policy_state"] = boxed((coords, idx))
+    np.savez_compressed(out, **arrays)
+  os.replace(out + ".npz", out)
+
+
+@pytest.mark.parametrize("form", ["google", "old"])
+def test_google_and_old_checkpoints_resume_to_the_uninterrupted_result(tmp_path, form):
+  """A checkpoint built the way google/ffn builds it (and one in our earlier form) restores and
+  finishes with the segmentation of an uninterrupted run. The old code refused google's
+  (movement state of shape (1, 3) has no ``.item()``; no min_pos)."""
+  img = blobs_image()
+  policy = seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}')
+  full = Canvas(img, options(), oracle, FOV, DELTAS)
+  full.segment_all(policy)
+  path = str(tmp_path / f"{form}.cpoint")
+  _rewrite_checkpoint(_interrupted_checkpoint(tmp_path, policy), path, form)
+  resumed = Canvas(img, options(), oracle, FOV, DELTAS)
+  partial = resumed.restore_checkpoint(path)
+  assert (partial > 0) == (form == "old")  # google's form has no in-flight object: restarted
+  resumed.segment_all(policy, partial_segment_iters=partial)
+  np.testing.assert_array_equal(resumed.segmentation, full.segmentation)
+  np.testing.assert_array_equal(resumed.seg_prob, full.seg_prob)
+  assert {k: v.start_zyx for k, v in resumed.origins.items()} == \
+      {k: v.start_zyx for k, v in full.origins.items()}
+
+
 def test_invert_origins_policy(tmp_path):
   img = blobs_image()
   canvas = Canvas(img, options(), oracle, FOV, DELTAS)
@@ -244,3 +341,43 @@ def test_runner_seed_mask_blocks_one_blob(tmp_path):
                              'channels { channel: 0 values: 1 } } }')
   _, origins = storage.load_segmentation_file(runner.run())
   assert len(origins) == 1
+
+
+def test_concurrent_checkpoint_saves_do_not_add_up_in_memory(tmp_path):
+  """Four canvases saving checkpoints at the same moment (one thread each) allocate at the peak
+  little more than one save does: saves are streamed and serialised (one at a time per process).
+  The old code compressed every archive in memory with no lock, so the four saves' buffers were
+  held at once (about 4x)."""
+  import threading
+  import tracemalloc
+
+  def canvas(seed):
+    c = Canvas(np.zeros((64, 64, 64), np.float32), options(), oracle, FOV, DELTAS)
+    rng = np.random.default_rng(seed)
+    c.seed[:] = rng.normal(0, 3, c.shape).astype(np.float32)  # incompressible logits
+    c.segmentation[:] = rng.integers(0, 50, c.shape)
+    return c
+
+  canvases = [canvas(i) for i in range(4)]
+
+  def peak_of(jobs):
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    threads = [threading.Thread(target=c.save_checkpoint, args=(str(tmp_path / f"{i}.cpoint"), 0))
+               for i, c in jobs]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return peak
+
+  single = peak_of([(0, canvases[0])])
+  together = peak_of(list(enumerate(canvases)))
+  state = canvases[0].seed.nbytes
+  assert single > state / 4  # the measurement sees the save's buffers at all
+  assert together < 1.6 * single, (single, together)
+  for i in range(4):
+    with np.load(tmp_path / f"{i}.cpoint", allow_pickle=True) as data:
+      np.testing.assert_array_equal(data["seed"], canvases[i].seed)

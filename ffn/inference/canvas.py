@@ -43,8 +43,10 @@ Differences from google/ffn HEAD, on purpose:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -68,11 +70,64 @@ class InferenceInterrupted(Exception):
   """Raised after a stop request (e.g. SIGTERM) once the checkpoint is saved."""
 
 
+# One checkpoint written at a time in this process (google/ffn serialises them with a lock too):
+# with N canvases in threads, N saves at once would hold N sets of compression buffers and compete
+# for the disk, and the later ones would save a state no fresher for it.
+_CHECKPOINT_LOCK = threading.Lock()
+
+
 def _boxed(value) -> np.ndarray:
   """A 0-d object array holding ``value`` (pickled by np.savez, read back with ``.item()``)."""
   out = np.empty((), dtype=object)
   out[()] = value
   return out
+
+
+def movement_state_array(state) -> np.ndarray:
+  """A movement policy state ``(queue, visited cells, start z,y,x)`` in google/ffn HEAD's
+  checkpoint form: ``np.asarray([(deque, set, start)], dtype=object)``, shape (1, 3)."""
+  queue, done, start = state
+  out = np.empty((1, 3), dtype=object)
+  out[0, 0] = collections.deque(queue)
+  out[0, 1] = set(done)
+  out[0, 2] = tuple(int(v) for v in start)
+  return out
+
+
+def movement_state_from_array(value: np.ndarray, default_start: Sequence[int]):
+  """``(queue, visited cells, start)`` from a checkpoint's ``movement_policy``: google HEAD's
+  (1, 3) object array, google's older (1, 2) one (no start: ``default_start``), or the 0-d boxed
+  tuple this toolkit wrote before. ValueError for anything else."""
+  value = np.asarray(value, dtype=object)
+  if value.shape == ():
+    return value.item()
+  if value.ndim == 2 and value.shape[0] == 1 and value.shape[1] in (2, 3):
+    items = list(value[0])
+    start = items[2] if len(items) == 3 and items[2] is not None else default_start
+    return items[0], items[1], start
+  raise ValueError(f"movement_policy state of shape {value.shape} (expected google's (1, 3))")
+
+
+def seed_state_array(state) -> np.ndarray:
+  """A seed policy state ``(coords, idx)`` (or None) in google/ffn's checkpoint form:
+  ``np.asarray((coords, idx), dtype=object)``, shape (2,); None as a 0-d array holding None."""
+  if state is None:
+    return _boxed(None)
+  coords, idx = state
+  out = np.empty(2, dtype=object)
+  out[0], out[1] = coords, int(idx)
+  return out
+
+
+def seed_state_from_array(value: np.ndarray):
+  """``(coords, idx)`` or None from a checkpoint's ``seed_policy_state``: google's (2,) object
+  array or the 0-d boxed value this toolkit wrote before. ValueError for anything else."""
+  value = np.asarray(value, dtype=object)
+  if value.shape == ():
+    return value.item()
+  if value.shape == (2,):
+    return value[0], int(value[1])
+  raise ValueError(f"seed_policy_state of shape {value.shape} (expected google's (2,))")
 
 
 def _logit32(probability: float) -> np.float32:
@@ -382,25 +437,36 @@ class Canvas:
     self.checkpoint_last = time.time()
 
   def save_checkpoint(self, path: str, partial_segment_iters: int) -> None:
-    """Writes the full state (google/ffn's checkpoint keys) to ``path`` atomically."""
-    with timer_counter(self.counters, "save_checkpoint"):
+    """Writes the full state to ``path`` atomically, one checkpoint of this process at a time.
+
+    Keys and forms are google/ffn's (``movement_policy`` and ``seed_policy_state`` as object
+    arrays of google's shapes, see :func:`movement_state_array`, :func:`seed_state_array`), so
+    google's ``restore_checkpoint`` reads it; ``min_pos``, ``max_pos``, ``partial_segment_iters``
+    and ``local_to_global_ids`` are our additions (google ignores them).
+    """
+    with timer_counter(self.counters, "save_checkpoint"), _CHECKPOINT_LOCK:
       policy_state = None
       if self.seed_policy is not None:
         policy_state = self.seed_policy.get_state(rewind=self._in_flight)
       storage.save_npz_atomic(
           path,
-          movement_policy=_boxed(self.movement_policy.get_state()),
+          movement_policy=movement_state_array(self.movement_policy.get_state()),
           segmentation=self.segmentation, seed=self.seed, seg_qprob=self.seg_prob,
           origins=_boxed(self.origins), overlaps=_boxed(self.overlaps),
           min_pos=self._min_pos, max_pos=self._max_pos,
           history=np.zeros((0, 3), np.int64), history_deleted=np.zeros(0, np.int64),
-          seed_policy_state=_boxed(policy_state),
+          seed_policy_state=seed_state_array(policy_state),
           counters=self.counters.dumps(), partial_segment_iters=partial_segment_iters,
           **self.result_extras())
     _log.info("checkpoint saved: %s (%d objects so far)", path, len(self.origins))
 
   def restore_checkpoint(self, path: str) -> int:
-    """Loads a checkpoint; returns the evaluations already done on the in-flight object (or 0)."""
+    """Loads a checkpoint (ours, old or new, or google/ffn's); returns the evaluations already
+    done on the in-flight object (0 for google's, which resumes at seed boundaries).
+
+    A google checkpoint has no ``min_pos``/``max_pos``: the region the last object touched is
+    then taken to be the whole subvolume (cleared before the next object, as google does).
+    """
     with np.load(path, allow_pickle=True) as data:
       self.segmentation[:] = data["segmentation"]
       self.seed[:] = data["seed"]
@@ -409,10 +475,15 @@ class Canvas:
       self.origins = data["origins"].item()
       self.overlaps = data["overlaps"].item() if "overlaps" in data else {}
       self._max_id = int(self.segmentation.max())
-      self._min_pos = np.array(data["min_pos"], dtype=np.int64)
-      self._max_pos = np.array(data["max_pos"], dtype=np.int64)
-      self.movement_policy.restore_state(data["movement_policy"].item())
-      self._seed_policy_state = data["seed_policy_state"].item()
+      if "min_pos" in data and "max_pos" in data:
+        self._min_pos = np.array(data["min_pos"], dtype=np.int64)
+        self._max_pos = np.array(data["max_pos"], dtype=np.int64)
+      else:
+        self._min_pos = np.zeros(3, np.int64)
+        self._max_pos = np.array(self.shape, np.int64) - 1
+      self.movement_policy.restore_state(
+          movement_state_from_array(data["movement_policy"], self._min_pos.tolist()))
+      self._seed_policy_state = seed_state_from_array(data["seed_policy_state"])
       self.counters.loads(str(data["counters"]))
       partial = int(data["partial_segment_iters"]) if "partial_segment_iters" in data else 0
       if "local_to_global_ids" in data:

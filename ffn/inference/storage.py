@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import os
 import re
 from typing import Sequence
@@ -36,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from ffn.errors import FFNError
-from ffn.io.atomic import write_bytes_atomic
+from ffn.io.atomic import atomic_path
 
 OriginInfo = collections.namedtuple("OriginInfo", ["start_zyx", "iters", "walltime_sec"])
 
@@ -117,15 +116,14 @@ def reduce_id_bits(labels: np.ndarray) -> np.ndarray:
   return labels.astype(np.uint64)
 
 
-def _npz_bytes(**arrays) -> bytes:
-  buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  return buf.getvalue()
-
-
 def save_npz_atomic(path: str, **arrays) -> None:
-  """``np.savez_compressed`` to ``path`` via a temporary file and rename (no ``.npz`` appended)."""
-  write_bytes_atomic(path, _npz_bytes(**arrays))
+  """``np.savez_compressed`` to ``path`` via a temporary file and rename (no ``.npz`` appended).
+
+  The archive is streamed into the temporary file (numpy compresses each array in 16 MiB pieces),
+  never assembled in memory.
+  """
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
 
 
 def save_subvolume(labels: np.ndarray, origins: dict, output_path: str, **extra) -> None:
