@@ -10,8 +10,8 @@ thread per request. What it follows (janelia-flyem/dvid: ``server/web.go``,
   nodes with ``Locked``, ``DataInstances`` with ``Base.TypeName``); UUIDs may be unique prefixes
   (else 400 ``Could not find UUID with partial match to X!``); ``GET/POST
   /api/node/<uuid>/commit`` (``{"Locked": ..}``, ``{"committed": uuid}``; committing a locked node
-  is 400); ``POST /api/node/<uuid>/newversion`` (only from a committed node) -> ``{"child": ..}``,
-  the child starting from the parent's data; every POST that changes an instance of a locked
+  is 400); ``POST /api/node/<uuid>/newversion`` (only from a committed node without a child on
+  its branch) -> ``{"child": ..}``, the child starting from the parent's data; every POST that changes an instance of a locked
   node is 400 ``Cannot do POST on endpoint "merge" of locked node <uuid>``;
 * ``POST /api/repo/<uuid>/instance`` (typenames ``labelmap`` and ``keyvalue``; an unknown instance
   name is 400 ``invalid data instance name``); ``GET .../<instance>/info``;
@@ -347,7 +347,9 @@ def route(dvid: StandinDvid, method: str, path: str, query: dict[str, str],
       if parts[3] == "newversion" and method == "POST":
         config = _json(body, "newversion") or {}
         if not info["locked"]:
-          raise BadRequest(f"can't create a new version from uncommitted node {node}")
+          raise BadRequest("can't branch an unlocked node")
+        if info["children"]:  # newversion stays on the parent's branch, which has its child
+          raise BadRequest("branch already exists with given name")
         child = uuidlib.uuid4().hex
         dvid.nodes[child] = {"repo": info["repo"], "parent": node, "children": [],
                              "locked": False, "vid": len(dvid.nodes) + 1,

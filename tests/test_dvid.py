@@ -217,6 +217,12 @@ def test_post_merges_dry_run_apply_and_rerun(setup, tmp_path, capsys):
     sizes = setup.client.sizes(setup.uuid, "seg", members, supervoxels=True)
     assert r["target"] == members[int(np.argmax(sizes))]
 
+  merged_away = records[0]["merged"][0]  # DVID's answers for a body merged into another
+  assert setup.client.size(setup.uuid, "seg", merged_away) is None
+  assert setup.client.supervoxels(setup.uuid, "seg", merged_away) is None
+  assert setup.client.sizes(setup.uuid, "seg", [merged_away]) == [0]
+  assert merged_away in setup.client.supervoxels(setup.uuid, "seg", records[0]["target"])
+
   after = setup.dvid.snapshot()
   assert main(["dvid", "post-merges", *setup.flags(), "--input", str(table), "--apply",
                "--log", str(log)]) == 0
@@ -373,6 +379,30 @@ def test_conflicting_dvid_body_refused(setup, tmp_path, capsys):
   assert main(["dvid", "post-merges", *setup.flags(), "--input", str(table), "--apply"]) == 2
   assert "merges cannot separate them" in capsys.readouterr().err
   assert setup.dvid.snapshot() == before
+
+
+def test_standin_refuses_invalid_merges_and_versions(shared):
+  """The stand-in's DVID semantics the client relies on: invalid merges are 400 with DVID's
+  line and change nothing; a child node starts from its committed parent's data."""
+  svs = sorted(BODY_OF)
+  client = shared.client
+  assert client.mapping(shared.child, "seg", svs) == client.mapping(shared.uuid, "seg", svs) == svs
+  assert client.mapping(shared.child, "seg", [999999]) == [0]
+  before = shared.dvid.snapshot()
+  for body, phrase in (([svs[0]], "need at least target and to-merge labels"),
+                       ([svs[0], 0], "cannot contain background label 0"),
+                       ([999999, svs[0]], "can't merge into a non-existent label 999999"),
+                       ([svs[0], 999999], "can't merge non-existent label 999999")):
+    with pytest.raises(DvidError, match=phrase) as error:
+      client.post_json(f"node/{shared.child}/seg/merge", body=body, repeatable=False)
+    assert error.value.status == 400
+  with pytest.raises(DvidError, match="Could not post to locked node"):
+    client.commit(shared.uuid, "again")
+  with pytest.raises(DvidError, match="can't branch an unlocked node"):
+    client.newversion(shared.child, "child of an open node")
+  with pytest.raises(DvidError, match="branch already exists"):
+    client.newversion(shared.uuid, "a second child on the branch")
+  assert shared.dvid.snapshot() == before
 
 
 def test_upload_refuses_locked_node_and_wrong_type(shared, tmp_path, capsys):
