@@ -103,8 +103,8 @@ def write_merge_table(table: np.ndarray, csv_path: str, npy_path: str | None = N
     lines.append(",".join(values))
   write_text_atomic(csv_path, "\n".join(lines) + "\n")
   if npy_path is not None:
-    with atomic_path(npy_path, suffix=".npy") as tmp:
-      np.save(tmp, table)
+    with atomic_path(npy_path) as tmp, open(tmp, "wb") as f:
+      np.save(f, table)
 
 
 def write_mapping(supervoxels: np.ndarray, body: np.ndarray, path: str) -> None:
