@@ -102,7 +102,8 @@ class DvidClient:
       headers["Content-Type"] = "application/octet-stream"
     attempts = 1 + (self.retries if repeatable else 0)
     where = f"DVID {self.server}: {method} /api/{path}"
-    for attempt in range(attempts):
+    attempt = 0  # failed tries so far
+    while True:
       last = attempt == attempts - 1
       try:
         response = self.session.request(method, url, params=params, data=data, headers=headers,
@@ -113,9 +114,11 @@ class DvidClient:
           raise DvidUnreachable(f"{where}: no answer{tries} ({type(e).__name__}: "
                                 f"{_first_line(str(e))[:160]})") from None
         self._wait(attempt, f"{type(e).__name__}")
+        attempt += 1
         continue
       if response.status_code >= 500 and not last:
         self._wait(attempt, f"HTTP {response.status_code}")
+        attempt += 1
         continue
       if response.status_code == 404 and allow_404:
         return None
@@ -127,7 +130,6 @@ class DvidClient:
         raise DvidError(f"{where}: HTTP {response.status_code}: {shown or response.reason}{tries}",
                         response.status_code, text)
       return response
-    raise AssertionError("unreachable")  # the loop returns or raises
 
   def _wait(self, attempt: int, why: str) -> None:
     delay = min(30.0, self.backoff_s * 2 ** attempt)

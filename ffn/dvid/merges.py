@@ -42,6 +42,7 @@ import numpy as np
 
 from ffn.dvid.client import DvidClient, DvidError
 from ffn.errors import FFNError
+from ffn.io.atomic import check_writable_dir
 from ffn.progress import Progress
 
 _log = logging.getLogger(__name__)
@@ -283,10 +284,13 @@ class MergeLog:
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(self.path)
     self._cut = False
     self.records = self._read()
-    self._file: TextIO = open(self.path, "a")
+    try:
+      self._file: TextIO = open(self.path, "a")
+    except OSError as e:
+      raise FFNError(f"{self.path}: cannot write the merge log ({e.strerror})") from None
     if self._cut:
       self._file.write("\n")  # the cut-off line stays, ignored, on a line of its own
 
