@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "batch_status": ("ffn.inference.batch_status", "chunks done/running/failed/pending, voxels/s, ETA of a batch run"),
     "consensus": ("ffn.consensus.cli", "split consensus of two results of one subvolume (ConsensusRequest pbtxt)"),
     "stitch": ("ffn.stitch.cli", "stitch overlapping chunk results into one volume with global ids (HDF5 / Zarr / precomputed)"),
+    "sweep": ("ffn.sweep.cli", "segment and score evaluation boxes with every checkpoint (job array), pick the best"),
     "evaluate": ("ffn.metrics.cli", "VI split/merge, adjusted and adapted Rand error, object counts vs ground truth"),
     "export": ("ffn.inference.export",
                "export a segmentation to HDF5 / TIFF / PNG / Neuroglancer precomputed, preview PNG"),
