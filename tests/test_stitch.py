@@ -479,6 +479,40 @@ def test_consensus_of_two_runs_per_chunk_is_stitched(ground_truth, tmp_path, gol
     assert same_partition(f["seg"][...], golden[0])
 
 
+def test_fork_run_consensus_flags_stitch_the_consensus_of_several_runs(ground_truth, tmp_path,
+                                                                      golden):
+  """``run_consensus.py --segmentation_dirs "a b" --outspec ...`` (the SLURM fork's flags): run a
+  merges bodies (0,1), (2,3)...; run b merges (1,2), (3,4)...; the split of a by b is every body
+  alone, stitched: the golden partition. A missing run is one line."""
+  boxes = chunk_boxes(ground_truth.shape)
+  ids = np.unique(ground_truth)
+  ids = ids[ids != 0]
+  runs = []
+  for first in (0, 1):
+    lut = ids.copy()
+    lut[first + 1::2] = ids[first:len(ids) - 1:2][:len(lut[first + 1::2])]
+    merged = np.where(ground_truth == 0, 0, lut[np.searchsorted(ids, ground_truth)])
+    assert np.unique(merged).size < 0.6 * np.unique(ground_truth).size
+    write_chunks(merged, tmp_path / f"run{first}", boxes, seed=3 + first)
+    runs.append(str(tmp_path / f"run{first}"))
+  out = tmp_path / "fork.h5"
+  result = subprocess.run([sys.executable, "run_consensus.py", "--segmentation_dirs", " ".join(runs),
+                           f"--outspec={out}:seg", "--min_ffn_size", "0", "--min_overlap", "1",
+                           "--cluster", "debug"], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with h5py.File(out, "r") as f:
+    assert same_partition(f["seg"][...], golden[0])
+  summary = json.loads((Path(f"{out}.stitch") / "summary.json").read_text())
+  assert summary["parameters"]["source"]["consensus_dirs"] == runs[1:]
+  bad = subprocess.run([sys.executable, "run_consensus.py", "--segmentation_dirs",
+                        f"{runs[0]} {tmp_path / 'absent'}", "--outspec", f"{tmp_path / 'b.h5'}:seg"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert bad.returncode == 2 and not (tmp_path / "b.h5").exists()
+  assert bad.stderr.strip().splitlines() == [
+      f"ffn stitch: error: {tmp_path / 'absent'}: segmentation directory not found"]
+
+
 # --------------------------------------------------------------------------- round trips
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,18 @@ Input: a directory of ``seg-<x>_<y>_<z>.npz`` chunk results in google's layout t
 with overlaps (``ffn run_inference --subvolume_size S --overlap O``, ``ffn batch_inference``, or
 google's / the SLURM fork's tools), a batch run's results directory or its ``manifest.json`` (the
 chunks are then checked against the run's tiling), or a ConsensusRequest whose two sources are
-such directories (the split consensus of every chunk is stitched).
+such directories (the split consensus of every chunk is stitched), or ``--segmentation_dirs "a b
+c"`` (the SLURM fork's ``run_consensus.py`` flags, also ``--outspec``, ``--min_ffn_size``,
+``--min_split_size``): run a split by runs b and c chunk by chunk, then stitched -- where the fork
+wrote the chunks first-writer-wins into one uint32 volume without merging across seams.
 
 Merge rule, in every overlap of two chunks: objects a and b are merged when they share
 ``count >= --min_overlap`` voxels there and ``count / min(size of a, size of b in the overlap) >=
 --min_agreement``, one-to-one (pairs in decreasing count; an object already matched in that
 overlap takes no other partner). Each output voxel comes from the chunk whose interior owns it
-(every overlap is split in the middle). Ids are uint64, 1..N, 0 = background.
+(every overlap is split in the middle); where that chunk left it unsegmented, from the covering
+chunk that segmented it from deepest inside (:mod:`ffn.stitch.fill`). Ids are uint64, 1..N,
+0 = background.
 
 Output: ``--output`` (``path.h5:dataset``, ``zarr://path``, ``precomputed://path`` or a
 TensorStore JSON spec; see :mod:`ffn.io.tensorstore_volumes`); the work directory (``--work_dir``,
@@ -45,8 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   source.add_argument("--consensus_request", default=None,
                       help="ConsensusRequest (.pbtxt path or text): stitch the split consensus of "
                            "its two sources, chunk by chunk")
-  parser.add_argument("--output", required=True,
-                      help="path.h5:dataset, zarr://path, precomputed://path or a TensorStore spec")
+  source.add_argument("--segmentation_dirs", default=None,
+                      help="several runs of the same chunks, space separated (the SLURM fork's "
+                           "run_consensus.py flag): the first split by each of the others, chunk "
+                           "by chunk, then stitched")
+  parser.add_argument("--output", "--outspec", required=True,
+                      help="path.h5:dataset, zarr://path, precomputed://path or a TensorStore spec "
+                           "(--outspec: the SLURM fork's name)")
   parser.add_argument("--work_dir", default=None,
                       help="state, id map and summary (default: <output path>.stitch)")
   parser.add_argument("--min_agreement", type=float, default=0.5,
@@ -63,8 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--split_cc", action="store_true",
                       help="split every chunk's objects into 6-connected pieces first (google's "
                            "load_segmentation option)")
-  parser.add_argument("--min_size", type=int, default=0,
-                      help="clear objects smaller than this (voxels) in every chunk first")
+  parser.add_argument("--min_size", "--min_ffn_size", type=int, default=0,
+                      help="clear objects smaller than this (voxels) in every chunk (of every run) "
+                           "first (--min_ffn_size: the SLURM fork's name)")
+  parser.add_argument("--min_split_size", type=int, default=0,
+                      help="with --segmentation_dirs: clear consensus pieces smaller than this "
+                           "(voxels)")
   parser.add_argument("--block_size", default="64,64,64",
                       help="output block written by one task, x,y,z (a multiple of --chunk_size; "
                            "default: %(default)s)")
@@ -115,8 +129,17 @@ def run(args: argparse.Namespace) -> int:
   if args.consensus_request is not None:
     from ffn.consensus.consensus import load_consensus_request
     request = load_consensus_request(args.consensus_request).SerializeToString()
-  elif args.segmentation_dir is None:
-    raise FFNError("give --segmentation_dir (or --consensus_request)")
+  dirs: list[str] = []
+  if args.segmentation_dirs is not None:
+    dirs = args.segmentation_dirs.split()
+    if not dirs:
+      raise FFNError("--segmentation_dirs: no directory given")
+  elif args.segmentation_dir is None and request is None:
+    raise FFNError("give --segmentation_dir (or --consensus_request, --segmentation_dirs)")
+  if args.min_split_size < 0:
+    raise FFNError(f"--min_split_size must be >= 0, got {args.min_split_size}")
+  if args.min_split_size and len(dirs) < 2:
+    raise FFNError("--min_split_size applies to a consensus of two or more --segmentation_dirs")
   size = parse_xyz(args.subvolume_size, "--subvolume_size") if args.subvolume_size else None
   overlap = parse_xyz(args.overlap, "--overlap") if args.overlap else None
   if args.min_size < 0:
@@ -125,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
   if args.bounding_box is not None:
     from ffn.inference.request import parse_bounding_box
     box = parse_bounding_box(args.bounding_box)
-  plan = make_plan(args.segmentation_dir, output, args.work_dir, params, args.split_cc,
-                   args.min_size, request, size, overlap, box)
+  plan = make_plan(dirs[0] if dirs else args.segmentation_dir, output, args.work_dir, params,
+                   args.split_cc, args.min_size, request, size, overlap, box, dirs[1:],
+                   args.min_split_size)
   _log.info("stitching %d chunks (%s x,y,z grid) of %s into %s; work directory %s",
             plan.tiling.num_chunks, "x".join(map(str, plan.tiling.grid_shape[::-1])),
             plan.source.directory, output, plan.work_dir)

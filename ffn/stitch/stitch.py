@@ -126,11 +126,16 @@ class Source:
   """Where the chunk labels come from: ``directory`` (google's layout), read with
   :func:`ffn.inference.storage.load_segmentation` (``split_cc``, ``min_size``); or, with
   ``consensus_request`` (serialised ``ConsensusRequest``), the split consensus of its two
-  segmentation sources per chunk (:func:`ffn.consensus.consensus.compute_consensus`)."""
+  segmentation sources per chunk (:func:`ffn.consensus.consensus.compute_consensus`); or, with
+  ``consensus_dirs`` (the SLURM fork's ``run_consensus.py --segmentation_dirs``), ``directory``
+  split by each of these runs in turn (:func:`ffn.consensus.split.split_by_intersection`, every
+  run read with ``split_cc``/``min_size``; pieces under ``split_min_size`` voxels cleared)."""
   directory: str
   split_cc: bool = False
   min_size: int = 0
   consensus_request: bytes | None = None
+  consensus_dirs: tuple[str, ...] = ()
+  split_min_size: int = 0
 
   def describe(self) -> dict[str, Any]:
     out: dict[str, Any] = {"directory": self.directory, "split_cc": self.split_cc,
@@ -138,6 +143,9 @@ class Source:
     if self.consensus_request is not None:
       from google.protobuf import text_format
       out["consensus_request"] = text_format.MessageToString(self._request())
+    if self.consensus_dirs:
+      out["consensus_dirs"] = list(self.consensus_dirs)
+      out["split_min_size"] = self.split_min_size
     return out
 
   def _request(self):
@@ -148,13 +156,17 @@ class Source:
 
   def corners(self) -> list[tuple[int, int, int]]:
     corners = storage.existing_corners(self.directory)
+    others = list(self.consensus_dirs)
     if self.consensus_request is not None:
-      other = self._request().segmentation2.directory
-      second = set(storage.existing_corners(other))
+      others.append(self._request().segmentation2.directory)
+    for other in others:
+      if not os.path.isdir(other):
+        raise FFNError(f"{other}: segmentation directory not found")
+      theirs = set(storage.existing_corners(other))
       for corner in corners:
-        if corner not in second:
+        if corner not in theirs:
           raise FFNError(f"{other}: no result at corner {list(zyx_to_xyz(corner))} (x,y,z), which "
-                         f"{self.directory} has (segmentation2 of the consensus request)")
+                         f"{self.directory} has (every run of the consensus needs every chunk)")
     return corners
 
   def path(self, corner: Sequence[int]) -> str:
@@ -169,6 +181,16 @@ class Source:
       return labels
     labels, _ = storage.load_segmentation(self.directory, corner, split_cc=self.split_cc,
                                           min_size=self.min_size)
+    if self.consensus_dirs:
+      from ffn.consensus.split import split_by_intersection
+      for other in self.consensus_dirs:
+        theirs, _ = storage.load_segmentation(other, corner, split_cc=self.split_cc,
+                                              min_size=self.min_size)
+        if theirs.shape != labels.shape:
+          raise FFNError(f"{other}: the chunk at {list(zyx_to_xyz(corner))} (x,y,z) has shape "
+                         f"{list(theirs.shape[::-1])}, {self.directory}'s has "
+                         f"{list(labels.shape[::-1])} (x,y,z)")
+        labels = split_by_intersection(labels, theirs, self.split_min_size)
     return labels
 
 
@@ -264,13 +286,16 @@ def make_plan(segmentation_dir: str | None, output: LabelsSpec, work_dir: str | 
               consensus_request: bytes | None = None,
               subvolume_size_xyz: Sequence[int] | None = None,
               overlap_xyz: Sequence[int] | None = None,
-              bounding_box: BoundingBox | None = None) -> Plan:
+              bounding_box: BoundingBox | None = None,
+              consensus_dirs: Sequence[str] = (), split_min_size: int = 0) -> Plan:
   """Checks everything a stitch needs; writes nothing (every problem is one FFNError).
 
   ``segmentation_dir``: the chunk results (google's layout), a batch run's results directory
   (its ``batch/manifest.json`` then says which chunks there must be) or that manifest itself (the
   results of its last request are stitched). ``consensus_request``: instead of a directory, the
-  split consensus of a ConsensusRequest's two sources per chunk. ``subvolume_size_xyz``,
+  split consensus of a ConsensusRequest's two sources per chunk. ``consensus_dirs`` (with
+  ``split_min_size``): other runs of the same chunks, each split into the first
+  (:class:`Source`). ``subvolume_size_xyz``,
   ``overlap_xyz`` and ``bounding_box`` (default: the region the chunks cover): the chunks must be
   exactly ``split_box(bounding_box, subvolume_size_xyz, overlap_xyz)`` (without them, or a batch
   manifest, a chunk missing at the region's edge cannot be told from a smaller region).
@@ -299,7 +324,8 @@ def make_plan(segmentation_dir: str | None, output: LabelsSpec, work_dir: str | 
       where = f"the batch run manifest of {segmentation_dir}"
   if not os.path.isdir(directory):
     raise FFNError(f"{directory}: segmentation directory not found")
-  source = Source(os.path.abspath(directory), split_cc, min_size, consensus_request)
+  source = Source(os.path.abspath(directory), split_cc, min_size, consensus_request,
+                  tuple(os.path.abspath(d) for d in consensus_dirs), split_min_size)
   corners = source.corners()
   if not corners:
     raise FFNError(f"{directory}: no seg-<x>_<y>_<z>.npz chunk results here")
