@@ -308,6 +308,9 @@ def test_killed_after_k_merges_rerun_converges(setup, tmp_path, applied):
   records = [json.loads(line) for line in log.read_text().splitlines()]
   assert sorted(r["mutation_id"] for r in records) == sorted(m["MutationID"] for m in mutations)
   assert sum(bool(r.get("recovered")) for r in records) == int(applied)
+  for r in records:  # each record says what DVID merged
+    m = next(m for m in mutations if m["MutationID"] == r["mutation_id"])
+    assert (m["Target"], sorted(m["Labels"])) == (r["target"], sorted(r["merged"]))
 
 
 @pytest.fixture(scope="module")

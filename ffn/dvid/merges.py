@@ -327,7 +327,8 @@ class MergeLog:
     self._file.close()
 
 
-def _record(plan: Plan, merge: Merge, mutation_id: int, recovered: bool) -> dict[str, Any]:
+def _record(plan: Plan, merge: Merge, mutation_id: int | None,
+            recovered: bool) -> dict[str, Any]:
   record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "server": plan.server,
             "uuid": plan.uuid, "instance": plan.instance, "input": plan.input.path,
             "group": merge.group, "table_body": merge.table_body, "target": merge.target,
@@ -339,14 +340,15 @@ def _record(plan: Plan, merge: Merge, mutation_id: int, recovered: bool) -> dict
 
 
 def _find_mutation(mutations: Iterable[dict[str, Any]], target: int,
-                   labels: Iterable[int]) -> int | None:
-  """MutationID of the latest merge into ``target`` whose merged labels are all in ``labels``."""
+                   labels: Iterable[int]) -> dict[str, Any] | None:
+  """DVID's record of the latest merge into ``target`` whose merged labels are all in
+  ``labels`` (None: no such merge)."""
   allowed = {int(v) for v in labels}
   found = None
   for m in mutations:
     if (m.get("Action") == "merge" and int(m.get("Target", -1)) == target
         and {int(v) for v in m.get("Labels", [])} <= allowed):
-      found = int(m["MutationID"])
+      found = m
   return found
 
 
@@ -371,7 +373,8 @@ def _post(client: DvidClient, plan: Plan, merge: Merge, log: MergeLog, batch: in
       if _one_body(client, plan, merge, batch):
         found = _find_mutation(client.mutations(plan.uuid, plan.instance), merge.target,
                                merge.others)
-        log.write(_record(plan, merge, -1 if found is None else found, recovered=True))
+        log.write(_record(plan, merge, None if found is None else int(found["MutationID"]),
+                          recovered=True))
         return
       time.sleep(min(30.0, client.backoff_s * 2 ** attempt))
       continue
@@ -394,15 +397,17 @@ def apply_merges(client: DvidClient, plan: Plan, log_path: str | os.PathLike,
   try:
     logged = log.logged_targets(plan.server, plan.uuid, plan.instance)
     unlogged = [(g, body) for g, body in plan.done_groups if body not in logged]
-    if unlogged:
+    if unlogged:  # merged by an earlier run whose record was lost (killed before writing it)
       mutations = client.mutations(plan.uuid, plan.instance)
+      sizes = dict(zip([b for _, b in unlogged], _batched(
+          lambda c: client.sizes(plan.uuid, plan.instance, c), [b for _, b in unlogged], batch)))
       for g, body in unlogged:
         svs = plan.input.groups[g]
         found = _find_mutation(mutations, body, svs)
         if found is not None:
-          merge = Merge(g, plan.input.bodies[g], body,
-                        [int(s) for s in svs if int(s) != body], svs, 0)
-          log.write(_record(plan, merge, found, recovered=True))
+          merge = Merge(g, plan.input.bodies[g], body, [int(v) for v in found["Labels"]], svs,
+                        sizes[body])
+          log.write(_record(plan, merge, int(found["MutationID"]), recovered=True))
           recovered += 1
     with Progress(len(plan.merges), "merges", unit="merge", log_every_s=10.0) as progress:
       for merge in plan.merges:
