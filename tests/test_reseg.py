@@ -126,7 +126,8 @@ def test_pairs_cli_blockwise_on_debug_cluster_equals_one_block(tmp_path, capsys)
   assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/seg.h5:seg", "--output", one,
                "--corner", "1,2,3"]) == 0
   assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/seg.h5:seg", "--output", blocked,
-               "--corner", "1,2,3", "--block_size", "4,4,5", "--cluster", "debug", "--wait"]) == 0
+               "--corner", "1,2,3", "--block_size", "4,4,5", "--cluster", "debug", "--num_tasks", "2",
+               "--wait"]) == 0
   assert open(one).read() == open(blocked).read()
   table = pairs.read_csv(one)
   assert len(table) > 3 and table.point_zyx[:, 0].min() >= 3  # z offset by the corner
