@@ -381,3 +381,63 @@ def test_concurrent_checkpoint_saves_do_not_add_up_in_memory(tmp_path):
   for i in range(4):
     with np.load(tmp_path / f"{i}.cpoint", allow_pickle=True) as data:
       np.testing.assert_array_equal(data["seed"], canvases[i].seed)
+
+
+def test_segment_all_closes_its_progress_bar_when_a_step_raises():
+  """A failing network call inside segment_all still closes the seed progress bar (tqdm), so no
+  bar is left drawn on the terminal or registered with tqdm."""
+  from tqdm import tqdm
+
+  def failing(x):
+    raise RuntimeError("device lost")
+
+  before = set(tqdm._instances)
+  canvas = Canvas(blobs_image(), options(), failing, FOV, DELTAS)
+  canvas.progress_bar = True
+  with pytest.raises(RuntimeError, match="device lost"):
+    canvas.segment_all(seed_lib.make_policy("PolicyGrid3d", '{"step": 4, "offsets": [2]}'))
+  assert set(tqdm._instances) - before == set()
+  assert canvas._progress is None
+
+
+def test_runner_counters_from_concurrent_canvas_builds_lose_no_update(tmp_path):
+  """Four threads build canvases at once (as segment_boxes does); every thread sleeps 1 ms at
+  every bytecode inside Counters.increment, so unlocked read-modify-writes of the runner's
+  counters would interleave and lose updates. All 12 image loads are counted."""
+  import sys
+  import threading
+  import time
+  from ffn.axes import BoundingBox
+  from ffn.inference import counters as counters_lib
+  runner = _runner(tmp_path)
+  increment_code = counters_lib.Counters.increment.__code__
+
+  def slow_opcodes(frame, event, arg):
+    if event == "opcode":
+      time.sleep(0.001)
+    return slow_opcodes
+
+  def tracer(frame, event, arg):
+    if frame.f_code is increment_code:
+      frame.f_trace_opcodes = True
+      return slow_opcodes
+    return None
+
+  start = threading.Barrier(4)
+
+  def build():
+    start.wait()
+    sys.settrace(tracer)
+    try:
+      for _ in range(3):
+        runner.make_canvas(BoundingBox((0, 0, 0), (30, 30, 30)), predict=oracle,
+                           counters=counters_lib.Counters())
+    finally:
+      sys.settrace(None)
+
+  threads = [threading.Thread(target=build) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert runner.counters["load-image-calls"] == 12

@@ -353,38 +353,40 @@ class Canvas:
     resumed_at = self.seed_policy.idx  # > 0 when restored from a checkpoint
     self.segmented_voxels = int(np.count_nonzero(self.segmentation > 0))
     progress: _SeedProgress | None = None  # over candidate seeds: the policy knows them after next()
-    with timer_counter(self.counters, "segment_all"):
-      while True:
-        with timer_counter(self.counters, "seed-policy"):
-          pos = next(self.seed_policy, None)
-        if progress is None and self.seed_policy.coords is not None:
-          progress = self._progress = _SeedProgress(self, self.seed_policy, resumed_at)
-        if progress is not None:
-          progress.update()
-        if pos is None:
-          break
-        if not (self.is_valid_pos(pos, ignore_move_threshold=True) and not self._restricted(pos)
-                and not (self.seed_mask is not None and self.seed_mask[pos])):
-          continue
-        self._in_flight = True
-        if not partial_segment_iters:
-          self.maybe_save_checkpoint(partial_segment_iters=0)
-        low = np.array(pos) - mbd
-        sel = tuple(slice(max(int(s), 0), int(s + 2 * m + 1)) for s, m in zip(low, mbd))
-        if np.any(self.segmentation[sel] > 0):
-          self.segmentation[pos] = -1
+    try:
+      with timer_counter(self.counters, "segment_all"):
+        while True:
+          with timer_counter(self.counters, "seed-policy"):
+            pos = next(self.seed_policy, None)
+          if progress is None and self.seed_policy.coords is not None:
+            progress = self._progress = _SeedProgress(self, self.seed_policy, resumed_at)
+          if progress is not None:
+            progress.update()
+          if pos is None:
+            break
+          if not (self.is_valid_pos(pos, ignore_move_threshold=True) and not self._restricted(pos)
+                  and not (self.seed_mask is not None and self.seed_mask[pos])):
+            continue
+          self._in_flight = True
+          if not partial_segment_iters:
+            self.maybe_save_checkpoint(partial_segment_iters=0)
+          low = np.array(pos) - mbd
+          sel = tuple(slice(max(int(s), 0), int(s + 2 * m + 1)) for s, m in zip(low, mbd))
+          if np.any(self.segmentation[sel] > 0):
+            self.segmentation[pos] = -1
+            self._in_flight = False
+            continue
+          t_start = time.time()
+          num_iters = self.segment_at(pos, partial_segment_iters=partial_segment_iters)
+          partial_segment_iters = 0
+          t_seg = time.time() - t_start
           self._in_flight = False
-          continue
-        t_start = time.time()
-        num_iters = self.segment_at(pos, partial_segment_iters=partial_segment_iters)
-        partial_segment_iters = 0
-        t_seg = time.time() - t_start
-        self._in_flight = False
-        self._finish_object(pos, num_iters, t_seg)
-        self.maybe_save_checkpoint(partial_segment_iters=0)
-    if progress is not None:
-      progress.close()
-    self._progress = None
+          self._finish_object(pos, num_iters, t_seg)
+          self.maybe_save_checkpoint(partial_segment_iters=0)
+    finally:  # also when a step raises (stop request, failed network call): no bar left open
+      if progress is not None:
+        progress.close()
+      self._progress = None
     _log.info("segmentation done: %d objects", len(self.origins))
 
   def _finish_object(self, pos: tuple, num_iters: int, t_seg: float) -> None:

@@ -60,13 +60,16 @@ class Runner:
     if self.predict is not None:
       return
     from ffn import models
-    with timer_counter(self.counters, "load-model"):
-      model = models.load(self.request.model_checkpoint_path, self.request.model_name or None,
-                          self.request.model_args or None, self.compute_dtype,
-                          jit_compile=self.jit_compile)
-    self.predict = model
-    self.fov_size_zyx = xyz_to_zyx(model.fov_size)
-    self.deltas_zyx = xyz_to_zyx(model.deltas)
+    with self._lock:  # canvases built in several threads load it once
+      if self.predict is not None:
+        return
+      with timer_counter(self.counters, "load-model"):
+        model = models.load(self.request.model_checkpoint_path, self.request.model_name or None,
+                            self.request.model_args or None, self.compute_dtype,
+                            jit_compile=self.jit_compile)
+      self.fov_size_zyx = xyz_to_zyx(model.fov_size)
+      self.deltas_zyx = xyz_to_zyx(model.deltas)
+      self.predict = model
 
   def full_box(self) -> BoundingBox:
     return BoundingBox((0, 0, 0), tuple(reversed(self.volume_shape)))
@@ -84,17 +87,19 @@ class Runner:
   def make_canvas(self, box: BoundingBox, predict: Predictor | None = None,
                   counters: Counters | None = None) -> Canvas:
     """A canvas for ``box``; ``predict`` (default: the model) and ``counters`` (default: the
-    runner's) let several canvases share one batching executor and keep their own counters."""
+    runner's) let several canvases share one batching executor and keep their own counters.
+    Safe to call from several threads at once: the runner's counters change only under its lock."""
     check_box_inside(box, self.volume_shape, self.image_spec)
     self.load_model()
-    with timer_counter(self.counters, "load-image"), Volume(self.image_spec) as vol:
+    loads = Counters()  # this canvas's load times; added to the runner's under its lock
+    with timer_counter(loads, "load-image"), Volume(self.image_spec) as vol:
       raw = vol.read_box(box)
     image = (raw.astype(np.float32) - np.float32(self.request.image_mean)) / np.float32(
         self.request.image_stddev)
     corner = xyz_to_zyx(box.start)
     mask = build_mask(self.request.masks, raw, "masks", corner)
     seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
-    shift_mask = self._shift_mask(corner, image.shape)
+    shift_mask = self._shift_mask(corner, image.shape, loads)
     _, _, cpoint = self.paths(box)
     movement = movement_policy_kwargs(self.request)
     canvas = Canvas(image, self.request.inference_options, predict or self.predict, self.fov_size_zyx,
@@ -105,16 +110,18 @@ class Runner:
                     counters=self.counters if counters is None else counters)
     if self.request.HasField("init_segmentation"):
       spec = hdf5_spec(self.request.init_segmentation, "init_segmentation")
-      with timer_counter(self.counters, "load-init-segmentation"):
+      with timer_counter(loads, "load-init-segmentation"):
         labels = read_label_box(spec, corner, image.shape, what="init_segmentation")
       canvas.init_segmentation(labels, f"{spec} (init_segmentation)")
+    with self._lock:
+      self.counters.add(loads)
     canvas.stop_requested = self.stop_requested
     return canvas
 
-  def _shift_mask(self, corner_zyx, shape_zyx) -> ShiftMask | None:
+  def _shift_mask(self, corner_zyx, shape_zyx, counters: Counters) -> ShiftMask | None:
     """The request's shift mask for the box at ``corner_zyx`` (google's ``make_restrictor`` part,
-    no alignment). ``shift_mask_scale`` unset means 1; ``shift_mask_fov`` unset means the
-    network's FoV centred on the position."""
+    no alignment), its load time counted in ``counters``. ``shift_mask_scale`` unset means 1;
+    ``shift_mask_fov`` unset means the network's FoV centred on the position."""
     spec = shift_mask_spec(self.request)
     if spec is None:
       return None
@@ -126,7 +133,7 @@ class Runner:
     else:
       size = tuple(int(n) for n in self.fov_size_zyx)
       start = tuple(-(n // 2) for n in size)
-    with timer_counter(self.counters, "load-shift-mask"):
+    with timer_counter(counters, "load-shift-mask"):
       return ShiftMask.load(spec, corner_zyx, shape_zyx, scale, self.request.shift_mask_threshold,
                             start, size)
 
