@@ -31,7 +31,9 @@ thread per request. What it follows (janelia-flyem/dvid: ``server/web.go``,
 
 Test hooks (attributes of :class:`StandinDvid`): ``fail_next`` = (n, status): the next n requests
 answer that status and do nothing; ``drop_next`` = n: the next n requests get no answer (the
-connection closes), nothing done; ``hold_merge_after`` = k: the merge after the k-th applied merge
+connection closes), nothing done; ``merge_faults``: a list, each merge takes the first entry:
+``"503"`` answers 503 and applies nothing, ``"lost"`` applies it and closes the connection
+without an answer; ``hold_merge_after`` = k: the merge after the k-th applied merge
 waits (``merge_held`` is set) until ``release_merge`` is set, then is applied when
 ``apply_held_merge`` (the client may be gone by then, as with a real server). ``snapshot()`` is
 the whole state, comparable with ``==``; ``log`` lists (method, path) of every request.
@@ -149,6 +151,7 @@ class StandinDvid:
     self.log: list[tuple[str, str]] = []
     self.fail_next: tuple[int, int] = (0, 503)
     self.drop_next = 0
+    self.merge_faults: list[str] = []
     self.hold_merge_after: int | None = None
     self.merge_held = threading.Event()
     self.release_merge = threading.Event()
@@ -270,7 +273,8 @@ def _handler_for(dvid: StandinDvid) -> type[BaseHTTPRequestHandler]:
       except NotFound:
         self._send(404, b"", "text/plain")
         return
-      if status is None:  # the request was held and the client may be gone
+      if status is None:  # no answer: the connection closes (the client may be gone already)
+        self.close_connection = True
         return
       if isinstance(payload, (bytes, bytearray)):
         self._send(status, bytes(payload), "application/octet-stream")
@@ -516,6 +520,9 @@ def _merge(dvid: StandinDvid, node: str, name: str, body: bytes,
   """POST merge; a held one waits outside the lock, and its answer may reach nobody."""
   held = False
   with dvid.lock:
+    fault = dvid.merge_faults.pop(0) if dvid.merge_faults else None
+    if fault == "503":
+      return 503, {"error": "stand-in: injected merge failure"}
     if dvid.hold_merge_after is not None and dvid.merges_applied >= dvid.hold_merge_after:
       held = True
       dvid.hold_merge_after = None
@@ -560,4 +567,6 @@ def _merge(dvid: StandinDvid, node: str, name: str, body: bytes,
                             "Timestamp": time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC",
                                                        time.gmtime()),
                             "User": query.get("u", ""), "App": query.get("app", "")})
+    if fault == "lost":
+      return None, None
     return 200, {"MutationID": mutation}

@@ -103,7 +103,7 @@ class Setup:
 
   def flags(self, uuid: str | None = None) -> list[str]:
     return ["--server", self.dvid.url, "--uuid", uuid or self.uuid, "--instance", "seg",
-            "--retries", "1"]
+            "--retries", "1", "--timeout_s", "30"]
 
   def close(self) -> None:
     self.client.close()
@@ -257,11 +257,12 @@ def test_merge_table_layouts(setup, tmp_path):
 
 
 def test_lost_merge_answers_are_checked_before_reposting(setup, tmp_path):
-  """A 503 to a merge: the mapping shows it was not applied, so it is posted again, once; the
+  """A merge answered 503 (not applied: the mapping says so) is posted again; a merge applied
+  whose answer is lost (connection closed) is not, its MutationID comes from GET mutations; the
   result has one merge per body. With ``ffn.reseg``'s ``sv,body`` mapping and ``--target
   table`` every merge goes into the body's named (smallest) supervoxel."""
   table = _write_mapping(tmp_path / "mapping.csv", smallest=True)
-  setup.dvid.fail_next = (1, 503)
+  setup.dvid.merge_faults = ["503", "503", None, "lost"]
   log = tmp_path / "log.jsonl"
   assert main(["dvid", "post-merges", *setup.flags(), "--input", str(table), "--apply",
                "--target", "table", "--log", str(log)]) == 0
@@ -269,7 +270,10 @@ def test_lost_merge_answers_are_checked_before_reposting(setup, tmp_path):
   assert len(setup.client.mutations(setup.uuid, "seg")) == len(multi)
   records = [json.loads(line) for line in log.read_text().splitlines()]
   assert sorted(r["target"] for r in records) == sorted(min(m) for m in multi)
-  assert not any(r.get("recovered") for r in records)
+  assert [bool(r.get("recovered")) for r in records] == [False, True] + [False] * (len(multi) - 2)
+  mutations = {m["MutationID"]: m for m in setup.client.mutations(setup.uuid, "seg")}
+  assert sorted(r["mutation_id"] for r in records) == sorted(mutations)
+  assert _merge_posts(setup.dvid) == len(multi) + 2  # the two 503s, then each merge once
   _check_agglomerated(setup.client, setup.uuid)
 
 
