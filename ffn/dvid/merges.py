@@ -370,13 +370,15 @@ def _post(client: DvidClient, plan: Plan, merge: Merge, log: MergeLog, batch: in
                        "run the same command again to re-plan from DVID's state") from None
       _log.warning("merge into %d: no answer (%s); checking whether DVID applied it",
                    merge.target, e)
-      if _one_body(client, plan, merge, batch):
-        found = _find_mutation(client.mutations(plan.uuid, plan.instance), merge.target,
-                               merge.others)
-        log.write(_record(plan, merge, None if found is None else int(found["MutationID"]),
-                          recovered=True))
-        return
-      time.sleep(min(30.0, client.backoff_s * 2 ** attempt))
+      for check in range(2):  # the second look gives a merge still running time to finish
+        if check:
+          time.sleep(min(30.0, client.backoff_s * 2 ** attempt))
+        if _one_body(client, plan, merge, batch):
+          found = _find_mutation(client.mutations(plan.uuid, plan.instance), merge.target,
+                                 merge.others)
+          log.write(_record(plan, merge, None if found is None else int(found["MutationID"]),
+                            recovered=True))
+          return
       continue
     log.write(_record(plan, merge, mutation, recovered=False))
     return
