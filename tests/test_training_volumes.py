@@ -131,3 +131,57 @@ def test_train_cli_passes_the_flags(volumes, tmp_path, capsys):
   assert main(bad[:-1] + [str(tmp_path / "bad")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--volume_weights 'b:x'" in err[0]
+
+
+def test_self_training_recipe(tmp_path, sample_fib25, capsys):
+  """README "Self-training": an FFN result (here the shipped bodies of a 28^3 box, renumbered
+  uint64 as inference writes them) -> `ffn prepare --labels seg-x_y_z.npz` -> aligned image, labels
+  and coordinates of that box -> training together with the ground-truth volume (two coordinate
+  files, --volume_weights): every self-training example is the ground truth's at the same place."""
+  import h5py
+  from ffn.cli import main
+  from ffn.inference import storage
+  from ffn.training import examples
+  with h5py.File(sample_fib25 / "training_sample2_crop.h5", "r") as f:
+    raw, gt = f["raw"][:48, :48, :48], f["stack"][:48, :48, :48]
+  write_h5(str(tmp_path / "image.h5"), "raw", raw)
+  write_h5(str(tmp_path / "gt.h5"), "stack", gt)
+  corner_xyz = (10, 12, 14)
+  box = (slice(14, 42), slice(12, 40), slice(10, 38))  # z,y,x of the 28^3 result
+  ids, inverse = np.unique(gt[box], return_inverse=True)
+  renumbered = np.random.default_rng(1).choice(2 ** 40, ids.size, replace=False).astype(np.uint64)
+  result = renumbered[inverse.reshape(28, 28, 28)]
+  result[gt[box] == 0] = 0
+  npz = storage.segmentation_path(str(tmp_path / "results"), corner_xyz[::-1])
+  storage.save_subvolume(result, {}, npz)
+  small = ["--lom_radius", "4,4,4", "--min_size", "100", "--thresholds", "0.5"]
+  assert main(["prepare", "--image", f"{tmp_path}/image.h5:raw", "--labels", npz, "--volume_name",
+               "self", "--output_dir", str(tmp_path / "self")] + small) == 0
+  assert f"--data_volumes self:{tmp_path}/self/image.h5:raw" in capsys.readouterr().out
+  # The ground truth's coordinates: a few random ones (its preparation is tested elsewhere).
+  from ffn.data.coordinates import write_coordinates
+  write_coordinates(str(tmp_path / "gt.tfr.gz"), np.zeros(50, np.int64),
+                    np.random.default_rng(2).integers(7, 41, (50, 3)), ["gt"])
+  with h5py.File(tmp_path / "self" / "image.h5", "r") as f:
+    np.testing.assert_array_equal(f["raw"][()], raw[box])
+  with h5py.File(tmp_path / "self" / "labels.h5", "r") as f:
+    assert f["stack"].dtype == np.int64
+    np.testing.assert_array_equal(f["stack"][()], result.astype(np.int64))
+  source = ExampleSource(
+      f"{tmp_path}/gt.tfr.gz,{tmp_path}/self/coordinates.tfrecord.gz",
+      f"gt:{tmp_path}/image.h5:raw,self:{tmp_path}/self/image.h5:raw",
+      f"gt:{tmp_path}/gt.h5:stack,self:{tmp_path}/self/labels.h5:stack", (9, 9, 9), (2, 2, 2),
+      128.0, 32.0, permutable_axes=(), reflectable_axes=(), volume_weights="gt:1,self:1")
+  assert set(source.names) == {"gt", "self"}
+  checked = 0
+  for i in range(60):
+    row = source.coordinate(i)
+    if source.names[row] != "self":
+      continue
+    x, y, z = source.starts_xyz[row] + corner_xyz  # the same place in the ground-truth volume
+    where = (slice(z, z + 13), slice(y, y + 13), slice(x, x + 13))
+    image, labels = source.example(i)
+    np.testing.assert_array_equal(labels, examples.soften_labels(examples.object_mask(gt[where])))
+    np.testing.assert_array_equal(image, (raw[where].astype(np.float32) - 128.0) / 32.0)
+    checked += 1
+  assert checked > 15

@@ -13,7 +13,8 @@ training coordinate (``moves``: :func:`ffn.training.examples.patch_moves`, 1 by 
 5. one random axis permutation/reflection of both (google's augmentation);
 6. brightness / contrast / gamma and Gaussian noise (image only).
 
-Coordinates whose patch does not fit inside the volume are skipped. Volumes are sampled in
+``train_coords`` may be several files (comma-separated, globs). Coordinates whose patch does not
+fit inside the volume are skipped. Volumes are sampled in
 proportion to their coordinates (a per-epoch permutation of all of them), or, with
 ``volume_weights`` (``name:weight,...``), each example first picks a volume with probability
 ``weight / sum(weights)`` and then one of its coordinates uniformly (with replacement).
@@ -56,6 +57,27 @@ class _Source:
     if self.array is not None:
       return self.array[box.to_slices()]
     return self.volume.read_box(box)
+
+
+def load_coordinate_files(train_coords: str) -> tuple[np.ndarray, list[str]]:
+  """Coordinates of ``train_coords``: one file, a glob (google's flag), or a comma-separated list of
+  them (e.g. a ground-truth volume's and a self-training volume's files), concatenated in order."""
+  import glob
+  from ffn.data.coordinates import load_coordinates
+  centers, names = [], []
+  for pattern in (p.strip() for p in train_coords.split(",")):
+    if not pattern:
+      continue
+    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not paths:
+      raise FFNError(f"--train_coords {pattern!r}: no file matches")
+    for path in paths:
+      c, n = load_coordinates(path)
+      centers.append(c)
+      names.extend(n)
+  if not centers:
+    raise FFNError(f"--train_coords {train_coords!r}: no coordinate file given")
+  return np.concatenate(centers), names
 
 
 def parse_offset_scale_map(text: str | None) -> dict[str, tuple[float, float]]:
@@ -114,7 +136,6 @@ class ExampleSource:
     moves of ``deltas`` each way the loaded patch must hold; ``image_offset_scale_map`` and
     ``volume_weights``: see the module docstring; ``augment_config``: None for no augmentation
     beyond permutation/reflection."""
-    from ffn.data.coordinates import load_coordinates
     if image_stddev is not None and image_stddev <= 0:
       raise FFNError(f"--image_stddev must be positive, got {image_stddev}")
     self.size_xyz = example_size_xyz(fov_xyz, deltas_xyz, moves)
@@ -140,7 +161,7 @@ class ExampleSource:
       if name in labels and labels[name].shape != src.shape:
         raise FFNError(f"volume {name}: image shape {src.shape} and label shape "
                        f"{labels[name].shape} (z,y,x) differ")
-    centers, names = load_coordinates(train_coords)
+    centers, names = load_coordinate_files(train_coords)
     missing = sorted({n for n in names} - (set(images) & set(labels)))
     if missing:
       raise FFNError(f"{train_coords}: volumes {missing} are not in both --data_volumes and "
