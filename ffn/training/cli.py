@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   from ffn.training.examples import FOV_POLICIES
   from ffn.training.optimizer_names import OPTIMIZERS
   req = parser.add_argument_group("data and model (required)")
-  req.add_argument("--train_coords", required=True, help="coordinate TFRecord (GZIP, google format)")
+  req.add_argument("--train_coords", required=True,
+                   help="coordinate TFRecord (GZIP, google format); several: comma-separated files or globs")
   req.add_argument("--data_volumes", required=True, help="name:path.h5:dataset,... image volumes")
   req.add_argument("--label_volumes", required=True, help="name:path.h5:dataset,... label volumes")
   req.add_argument("--model_name", required=True, help="e.g. convstack_3d.ConvStack3DFFNModel")
