@@ -190,6 +190,27 @@ def test_upload_zarr_at_its_stored_offset(tmp_path):
     client.close()
 
 
+def test_upload_index_timeout_is_one_line(tmp_path, capsys):
+  """An index that does not catch up in --index_timeout_s: exit 2, one line saying how far it
+  got; a re-run (nothing left to post) waits again and succeeds once the index is there."""
+  path = tmp_path / "small.h5"
+  with h5py.File(path, "w") as f:
+    f["svs"] = SVS[:32, :32, :32]
+  with StandinDvid(index_delay_s=1.5) as dvid:
+    client = DvidClient(dvid.url)
+    uuid = client.create_repo("slow")
+    client.create_labelmap(uuid, "seg", BLOCK)
+    args = ["dvid", "upload", "--server", dvid.url, "--uuid", uuid, "--instance", "seg",
+            "--input", f"{path}:svs", "--cluster", "debug", "--index_timeout_s", "0.3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the label index still disagrees for" in err and "run the same command" in err
+    args[-1] = "60"
+    assert main(args) == 0
+    assert sum(1 for m, p in dvid.log if m == "POST" and "/raw/" in p) == 1
+    client.close()
+
+
 def test_post_merges_dry_run_apply_and_rerun(setup, tmp_path, capsys):
   """Dry run changes nothing; --apply makes DVID's mapping the agglomeration's with one merge per
   body, each MutationID in the log; a second --apply posts nothing."""
