@@ -36,7 +36,7 @@ connection closes), nothing done; ``merge_faults``: a list, each merge takes the
 without an answer; ``hold_merge_after`` = k: the merge after the k-th applied merge
 waits (``merge_held`` is set) until ``release_merge`` is set, then is applied when
 ``apply_held_merge`` (the client may be gone by then, as with a real server). ``snapshot()`` is
-the whole state, comparable with ``==``; ``log`` lists (method, path) of every request.
+the whole state, comparable with ``==``; ``index_now()`` ends the indexing delay; ``log`` lists (method, path) of every request.
 """
 
 from __future__ import annotations
@@ -210,6 +210,13 @@ class StandinDvid:
     state = self.state(name, node)
     state.apply_due(time.time())
     return state
+
+  def index_now(self) -> None:
+    """Indexes every pending block at once (as if the indexing delay had passed)."""
+    with self.lock:
+      for state in self.data.values():
+        if isinstance(state, Labelmap):
+          state.apply_due(float("inf"))
 
   def snapshot(self) -> dict[str, Any]:
     """Everything the server holds, as plain comparable values."""
