@@ -112,6 +112,10 @@ def _inference(name: str, box: str = BOX, **fields: str):
   return ("run_inference", name, fields, box)
 
 
+BOX_30 = "start { x: 0 y: 0 z: 0 } size { x: 40 y: 40 z: 30 }"  # the stored result's box
+CONSENSUS = ('segmentation1 {{ directory: "{{r}}/result" }} segmentation2 {{ directory: "{{r}}/result" }} '
+             'segmentation_output_dir: "{{r}}/{out}" type: CONSENSUS_SPLIT')
+
 # (command, case id, argv with {r} for the data folder, substrings of the one error line)
 CASES = [
     ("stats", "missing file", ["--input", "{r}/nope.h5:raw"], ["nope.h5: file not found"]),
@@ -157,6 +161,13 @@ CASES = [
     ("batch_status", "not a run", ["{r}/result"], ["result"]),
     ("stitch", "no results", ["--segmentation_dir", "{r}/requests_none", "--output", "{r}/st.h5:seg"],
      ["requests_none"]),
+    ("consensus", "existing output", ["--consensus_request", CONSENSUS.format(out="cons_existing"),
+                                      "--bounding_box", BOX_30, "--output_h5", "{r}/good.h5:raw"],
+     ["--output_h5: {r}/good.h5:raw already exists"]),
+    ("consensus", "malformed request", ["--consensus_request", "segmentation1 { directory: ",
+                                        "--bounding_box", BOX_30], ["ConsensusRequest"]),
+    ("consensus", "missing segmentation", ["--consensus_request", CONSENSUS.format(out="cons_missing").replace(
+                                                 '{r}/result" } seg', '{r}/none" } seg'), "--bounding_box", BOX_30], ["none"]),
     ("train", "label dataset missing",
      ["--train_coords", "{r}/coords.tfrecord.gz", "--data_volumes", "s:{r}/good.h5:raw", "--label_volumes",
       "s:{r}/good.h5:labels", "--model_name", "convstack_3d.ConvStack3DFFNModel", "--model_args",
@@ -196,6 +207,8 @@ INFERENCE = [
     ("corrupt checkpoint", {"model_checkpoint_path": 'model_checkpoint_path: "{r}/badckpt/model.ckpt-1"'},
      ["badckpt/model.ckpt-1"]),
     ("unknown model", {"model_name": 'model_name: "nope.Model"'}, ["nope.Model"]),
+    ("unwritable output", {"segmentation_output_dir": 'segmentation_output_dir: "{r}/plain_file/out"'},
+     ["segmentation_output_dir", "plain_file is not a directory"]),
     ("2D image", {"image": 'image { hdf5: "{r}/good.h5:flat2d" }'}, ["good.h5:flat2d: expected a 3D"]),
     ("image dtype", {"image": 'image { hdf5: "{r}/good.h5:bool" }'}, ["good.h5:bool: dtype bool is not allowed"]),
     ("mask dataset missing", {"masks": 'masks { volume { mask { hdf5: "{r}/good.h5:nomask" } '

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 
 from google.protobuf import text_format
 
@@ -106,6 +107,7 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
   image_spec(request)
   if not request.segmentation_output_dir:
     raise FFNError("inference request: segmentation_output_dir is not set")
+  check_output_dir(request.segmentation_output_dir, "segmentation_output_dir")
   if not request.model_checkpoint_path:
     raise FFNError("inference request: model_checkpoint_path is not set")
   if not request.HasField("image_stddev") or request.image_stddev <= 0:
@@ -135,6 +137,18 @@ def check_request(request: inference_pb2.InferenceRequest) -> None:
   if unused:
     _log.warning("inference request: these fields are set but ignored, as google/ffn (HEAD) ignores "
                  "them too: %s", ", ".join(unused))
+
+
+def check_output_dir(path: str, field: str) -> None:
+  """FFNError unless the directory ``path`` exists or can be created (its nearest existing
+  ancestor is a writable directory); creates nothing, so a request refused later leaves no trace."""
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise FFNError(f"inference request: {field} {path!r}: {probe} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise FFNError(f"inference request: {field} {path!r}: {probe} is not writable")
 
 
 def check_mask_config(config, field: str) -> None:
