@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dvid": ("ffn.dvid.cli", "DVID: upload a segmentation as supervoxels, post an agglomeration's merges"),
     "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
     "reseg": ("ffn.reseg.cli", "FFN-guided resegmentation: pairs, run, analyze, agglomerate, queue"),
+    "secgan": ("secgan.cli", "SECGAN domain transfer: train | transfer | slurm_train (segmentation-enhanced CycleGAN)"),
 }
 
 
