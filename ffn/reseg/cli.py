@@ -377,6 +377,13 @@ def _groundtruth_report(rows, base_spec: str, gt_spec: str, prefix: str) -> dict
 def run_analyze(args: argparse.Namespace) -> int:
   from ffn.reseg.analyze import analyze_request, write_rows
   request = _load_request(args.resegmentation_request)
+  if args.analysis_radius is not None:
+    value = parse_xyz(args.analysis_radius, "--analysis_radius")
+    if min(value) < 0 or any(v > r for v, r in zip(value, (request.radius.x, request.radius.y,
+                                                            request.radius.z))):
+      raise FFNError(f"--analysis_radius {list(value)} must be >= 0 and at most the request's "
+                     f"radius {[request.radius.x, request.radius.y, request.radius.z]} (x,y,z)")
+    request.analysis_radius.x, request.analysis_radius.y, request.analysis_radius.z = value
   spec, volume, read = _base_reader(request)
   voxel_size = xyz_to_zyx(_floats(args.voxel_size, "--voxel_size"))
   try:
@@ -563,6 +570,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--resegmentation_request", required=True,
                  help="the run's request.pbtxt (or its output directory)")
   p.add_argument("--output", required=True, help="affinity CSV")
+  p.add_argument("--analysis_radius", default=None,
+                 help="x,y,z: overrides the request's analysis_radius (at most its radius)")
   p.add_argument("--voxel_size", default="1,1,1", help="x,y,z for the distance transforms")
   p.add_argument("--threshold", type=float, default=0.5, help="probability of a reconstruction")
   p.add_argument("--groundtruth", default=None,
