@@ -11,8 +11,9 @@ thread per request. What it follows (janelia-flyem/dvid: ``server/web.go``,
   (else 400 ``Could not find UUID with partial match to X!``); ``GET/POST
   /api/node/<uuid>/commit`` (``{"Locked": ..}``, ``{"committed": uuid}``; committing a locked node
   is 400); ``POST /api/node/<uuid>/newversion`` (only from a committed node without a child on
-  its branch) -> ``{"child": ..}``, the child starting from the parent's data; every POST that changes an instance of a locked
-  node is 400 ``Cannot do POST on endpoint "merge" of locked node <uuid>``;
+  its branch) -> ``{"child": ..}``, the child starting from the parent's data; every POST that
+  changes an instance of a locked node is 400 ``Cannot do POST on endpoint "merge" of locked
+  node <uuid>``;
 * ``POST /api/repo/<uuid>/instance`` (typenames ``labelmap`` and ``keyvalue``; an unknown instance
   name is 400 ``invalid data instance name``); ``GET .../<instance>/info``;
 * labelmap voxels: ``POST raw/0_1_2/<size>/<offset>`` (block-aligned, uint64 little-endian, z,y,x,
@@ -36,7 +37,8 @@ connection closes), nothing done; ``merge_faults``: a list, each merge takes the
 without an answer; ``hold_merge_after`` = k: the merge after the k-th applied merge
 waits (``merge_held`` is set) until ``release_merge`` is set, then is applied when
 ``apply_held_merge`` (the client may be gone by then, as with a real server). ``snapshot()`` is
-the whole state, comparable with ``==``; ``index_now()`` ends the indexing delay; ``log`` lists (method, path) of every request.
+the whole state, comparable with ``==``; ``index_now()`` ends the indexing delay; ``log`` lists
+(method, path) of every request.
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ class Labelmap:
           start = [bx * b, by * b, bz * b]
           s_lo = [max(st, c) for st, c in zip(start, corner_xyz)]
           s_hi = [min(st + b, c + s) for st, c, s in zip(start, corner_xyz, size_xyz)]
-          src = tuple(slice(l - st, h - st) for l, h, st in zip(s_lo[::-1], s_hi[::-1], start[::-1]))
-          dst = tuple(slice(l - c, h - c) for l, h, c in zip(s_lo[::-1], s_hi[::-1], corner_xyz[::-1]))
+          pairs = list(zip(s_lo[::-1], s_hi[::-1]))
+          src = tuple(slice(l - st, h - st) for (l, h), st in zip(pairs, start[::-1]))
+          dst = tuple(slice(l - c, h - c) for (l, h), c in zip(pairs, corner_xyz[::-1]))
           out[dst] = block[src]
     if mapped and self.sv_body:
       keys = np.array(sorted(self.sv_body), np.uint64)

@@ -83,7 +83,8 @@ def _column_arrays(path: str) -> tuple[dict[str, np.ndarray], int]:
       if name in wanted:
         values = table[name]
         if values.dtype.kind not in "ui":
-          raise FFNError(f"{path}: column {name!r} has dtype {values.dtype.name}, expected integers")
+          raise FFNError(f"{path}: column {name!r} has dtype {values.dtype.name}, expected "
+                         "integers")
         if values.size and values.min() < 0:
           raise FFNError(f"{path}: column {name!r} has a negative id ({values.min()})")
         columns[ALIASES.get(name, name)] = values.astype(np.uint64)
@@ -365,8 +366,9 @@ def _post(client: DvidClient, plan: Plan, merge: Merge, log: MergeLog, batch: in
       mutation = client.merge(plan.uuid, plan.instance, merge.target, merge.others)
     except DvidError as e:
       if e.status is not None and e.status < 500:
-        raise FFNError(f"DVID refused the merge of body {merge.table_body or '#' + str(merge.group)}"
-                       f" [{merge.target}, ...]: {e}; the merges before it are in {log.path}, "
+        name = merge.table_body or f"#{merge.group}"
+        raise FFNError(f"DVID refused the merge of body {name} [{merge.target}, ...]: {e}; the "
+                       f"merges before it are in {log.path}, "
                        "run the same command again to re-plan from DVID's state") from None
       _log.warning("merge into %d: no answer (%s); checking whether DVID applied it",
                    merge.target, e)
