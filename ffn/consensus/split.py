@@ -1,8 +1,9 @@
 """Split consensus: cut the objects of one segmentation along the objects of another.
 
-Pure numpy on z,y,x label arrays (any integer dtype, ids >= 0, 0 = background). The rule and the
-numbering follow google/ffn's ``segmentation.split_segmentation_by_intersection`` as read from its
-source (google's code cannot run here; the tests check a slow pair-by-pair reading of the rule):
+Array code (numpy, :mod:`ffn.labels`) on z,y,x label arrays (any integer dtype, ids >= 0, 0 =
+background). The rule and the numbering follow google/ffn's
+``segmentation.split_segmentation_by_intersection`` as read from its source (google's code cannot
+run here; the tests check a slow pair-by-pair reading of the rule):
 
 * every voxel gets the pair (id1, id2) of its ids in the two segmentations; a pair with id1 = 0, or
   with fewer than ``min_size`` voxels, becomes 0 -- (id1, 0) is a valid pair, so voxels that only
@@ -19,14 +20,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ffn import labels as label_ops
 from ffn.errors import FFNError
 
 
 def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(sorted distinct values, index of each element's value among them, count of each value).
 
-  ``values``: flat array of non-negative integers. A lookup table over ``0..max`` replaces the sort
-  of ``np.unique`` when the largest value is small compared with the number of elements.
+  ``values``: flat array of non-negative integers. A lookup table over ``0..max`` when the largest
+  value is small compared with the number of elements, else :func:`ffn.labels.unique`.
   """
   top = int(values.max()) if values.size else 0
   if top <= 4 * values.size + 1024:
@@ -35,7 +37,7 @@ def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     distinct = np.flatnonzero(present)
     rank = np.cumsum(present) - 1
     return distinct.astype(values.dtype), rank[values], counts[distinct]
-  distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+  distinct, inverse, counts = label_ops.unique(values, return_inverse=True, return_counts=True)
   return distinct, inverse.reshape(-1), counts
 
 

@@ -32,8 +32,8 @@ import re
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
+from ffn import labels as label_ops
 from ffn.errors import FFNError
 from ffn.io.atomic import atomic_path
 
@@ -163,15 +163,6 @@ def load_segmentation_file(path: str) -> tuple[np.ndarray, dict]:
   return seg.astype(np.uint64), origins
 
 
-def _first_voxels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(sorted unique ids, flat C-order index of each id's first voxel), without sorting the volume."""
-  flat = labels.reshape(-1)
-  ids = np.unique(flat)
-  first = np.full(ids.size, flat.size, np.int64)
-  np.minimum.at(first, np.searchsorted(ids, flat), np.arange(flat.size, dtype=np.int64))
-  return ids, first
-
-
 def split_disconnected_components(labels: np.ndarray, connectivity: int = 1) -> np.ndarray:
   """Gives every connected piece of every object its own id, like google's function of that name.
 
@@ -179,40 +170,20 @@ def split_disconnected_components(labels: np.ndarray, connectivity: int = 1) -> 
   same id and are linked through neighbours: ``connectivity`` 1, 2 or 3 = 6, 18 or 26 neighbours
   (google uses 1). Pieces get ids 1..N in the raster (z,y,x C-order) order of their first voxel,
   which is how ``skimage.measure.label`` (google's implementation) numbers them. Returns an array
-  of ``labels.dtype`` (uint64 if N does not fit in it). Cost: one labelling of each object's
-  bounding box (``scipy.ndimage.label``).
+  of ``labels.dtype`` (uint64 if N does not fit in it). Cost: one pass over the volume
+  (:func:`ffn.labels.connected_components`).
   """
-  structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
-  ids = np.unique(labels)
-  ids = ids[ids != 0]
-  dense = np.searchsorted(ids, labels).astype(np.int64, copy=False) + 1  # object k = ids[k - 1]
-  dense[labels == 0] = 0
-  pieces = np.zeros(labels.shape, np.int64)
-  count = 0
-  for k, box in enumerate(ndimage.find_objects(dense), start=1):
-    if box is None:
-      continue
-    inside = dense[box] == k
-    piece, n = ndimage.label(inside, structure)
-    pieces[box][inside] = piece[inside] + count
-    count += n
-  del dense
-  first = np.full(count + 1, pieces.size, np.int64)
-  np.minimum.at(first, pieces.reshape(-1), np.arange(pieces.size, dtype=np.int64))
-  lut = np.zeros(count + 1, np.int64)
-  lut[1 + np.argsort(first[1:], kind="stable")] = np.arange(1, count + 1)
-  out = lut[pieces]
+  neighbours = {1: 6, 2: 18, 3: 26} if labels.ndim == 3 else {1: 4, 2: 8}
+  if connectivity not in neighbours:
+    raise ValueError(f"connectivity must be one of {sorted(neighbours)}, got {connectivity}")
+  pieces, count = label_ops.connected_components(labels, neighbours[connectivity])
   dtype = labels.dtype if np.can_cast(np.min_scalar_type(count), labels.dtype) else np.uint64
-  return out.astype(dtype)
+  return pieces.astype(dtype, copy=False)
 
 
 def clear_dust(labels: np.ndarray, min_size: int) -> np.ndarray:
   """Sets objects with fewer than ``min_size`` voxels to 0, in place; returns ``labels``."""
-  ids, sizes = np.unique(labels, return_counts=True)
-  small = ids[(sizes < min_size) & (ids != 0)]
-  if small.size:
-    labels[np.isin(labels, small)] = 0
-  return labels
+  return label_ops.clear_small(labels, min_size)
 
 
 def clean_up(labels: np.ndarray, split_cc: bool = True, min_size: int = 0) -> dict[int, int]:
@@ -226,7 +197,7 @@ def clean_up(labels: np.ndarray, split_cc: bool = True, min_size: int = 0) -> di
     labels[...] = split_disconnected_components(labels)
   if min_size > 0:
     clear_dust(labels, min_size)
-  new_ids, first = _first_voxels(labels)
+  new_ids, first = label_ops.first_voxels(labels)
   return {int(n): int(o) for n, o in zip(new_ids, original.reshape(-1)[first])}
 
 
