@@ -14,10 +14,10 @@ training coordinate (``moves``: :func:`ffn.training.examples.patch_moves`, 1 by 
 6. brightness / contrast / gamma and Gaussian noise (image only).
 
 ``train_coords`` may be several files (comma-separated, globs). Coordinates whose patch does not
-fit inside the volume are skipped. Volumes are sampled in
-proportion to their coordinates (a per-epoch permutation of all of them), or, with
-``volume_weights`` (``name:weight,...``), each example first picks a volume with probability
-``weight / sum(weights)`` and then one of its coordinates uniformly (with replacement).
+fit inside the volume are skipped. Volumes are sampled in proportion to their coordinates (a
+per-epoch permutation of all of them), or, with ``volume_weights`` (``name:weight,...``), each
+example first picks a volume with probability ``weight / sum(weights)`` and then one of its
+coordinates uniformly (with replacement).
 
 The stream is indexed: example ``i`` is fully determined by ``(seed, i)`` (coordinate choice and
 every augmentation use per-example RNGs), so a restart that resumes at index ``i`` continues the
