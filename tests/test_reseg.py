@@ -16,6 +16,7 @@ import pytest
 from ffn.cli import main
 from ffn.reseg import agglomerate as ag
 from ffn.reseg import analyze, pairs, queue
+from slurm_cluster import require_fit, slurm_job_name  # noqa: F401 - the fixture
 
 
 # ----------------------------------------------------------------------------------- pairs
@@ -126,11 +127,30 @@ def test_pairs_cli_blockwise_on_debug_cluster_equals_one_block(tmp_path, capsys)
   assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/seg.h5:seg", "--output", one,
                "--corner", "1,2,3"]) == 0
   assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/seg.h5:seg", "--output", blocked,
-               "--corner", "1,2,3", "--block_size", "4,4,5", "--cluster", "debug", "--num_tasks", "2",
-               "--wait"]) == 0
+               "--corner", "1,2,3", "--block_size", "4,4,10", "--cluster", "debug",
+               "--num_tasks", "1", "--wait"]) == 0
   assert open(one).read() == open(blocked).read()
   table = pairs.read_csv(one)
   assert len(table) > 3 and table.point_zyx[:, 0].min() >= 3  # z offset by the corner
+
+
+@pytest.mark.slurm
+def test_pairs_blocks_on_a_real_slurm_array(tmp_path, slurm_job_name):
+  from slurm.executor import SlurmOptions
+  require_fit(SlurmOptions(cluster="slurm", cpus_per_task=1, time_min=10))
+  rng = np.random.default_rng(5)
+  lab = np.repeat(rng.integers(0, 8, (5, 6, 7)), 2, axis=2).astype(np.uint32)  # 5x6x14
+  with h5py.File(tmp_path / "seg.h5", "w") as f:
+    f["seg"] = lab
+  out = tmp_path / "pairs.csv"
+  assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/seg.h5:seg", "--output", str(out),
+               "--block_size", "7,3,3", "--num_tasks", "3", "--wait", "--cluster", "slurm",
+               "--slurm_job_name", slurm_job_name, "--slurm_time_min", "10"]) == 0
+  assert pairs.read_csv(str(out)).rows() == pairs.find_pairs(lab).rows() == brute_force(lab, 3)
+  record = json.loads(sorted((tmp_path / "pairs.csv.run" / "submissions").glob("*.json"))[-1]
+                      .read_text())
+  assert record["cluster"] == "slurm" and len(record["job_ids"]) == 3
+  assert len({j.split("_")[0] for j in record["job_ids"]}) == 1  # one array
 
 
 def test_pairs_cli_bad_input_one_line(tmp_path, capsys):
