@@ -287,3 +287,37 @@ def test_serve_local_client_on_a_busy_port_is_a_one_line_error(tmp_path, capsys)
   err = captured.err.strip()
   assert len(err.splitlines()) == 1 and f"--client local: cannot listen on 127.0.0.1:{port}" in err
   assert captured.out == ""  # no "serving ..." line for a server that does not start
+
+
+def test_png_export_replaces_a_longer_stack_and_refuses_a_folder_with_other_files(tmp_path, capsys):
+  """A second, shorter export leaves exactly its own slices (the old code kept the earlier
+  export's extra slices); a folder holding anything else is refused, untouched."""
+  long_seg = np.arange(6 * 3 * 4, dtype=np.int64).reshape(6, 3, 4)
+  short_seg = long_seg[:4] + 1000
+  with h5py.File(tmp_path / "v.h5", "w") as f:
+    f["long"], f["short"] = long_seg, short_seg
+  out = tmp_path / "png"
+  for name in ("long", "short"):
+    assert main(["export", "--segmentation", f"{tmp_path}/v.h5:{name}", "--format", "png",
+                 "--output", str(out)]) == 0
+  assert sorted(p.name for p in out.iterdir()) == [f"seg_{z:05d}.png" for z in range(4)]
+  np.testing.assert_array_equal(np.stack([np.asarray(Image.open(out / f"seg_{z:05d}.png"))
+                                          for z in range(4)]), short_seg)
+  (out / "notes.txt").write_text("mine")
+  before = sorted(p.name for p in out.iterdir())
+  assert main(["export", "--segmentation", f"{tmp_path}/v.h5:long", "--format", "png",
+               "--output", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "notes.txt" in err[0] and "refusing to replace" in err[0]
+  assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_precomputed_reexport_without_image_drops_the_stale_image_layer(tmp_path):
+  """The export folder is replaced as a whole: exporting again without --image leaves no image
+  layer of the earlier export beside the new segmentation (the old code kept it)."""
+  labels, _, out = _export_precomputed(tmp_path, 6)
+  assert main(["export", "--segmentation", f"{tmp_path}/v.h5:seg", "--format", "precomputed",
+               "--output", str(out)]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["segmentation"]
+  np.testing.assert_array_equal(_read_precomputed(out / "segmentation")[1], labels)
+  assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
