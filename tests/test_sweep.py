@@ -162,6 +162,27 @@ def test_bad_input_one_line_nothing_written(tmp_path: Path, capsys: pytest.Captu
   assert not (tmp_path / "out").exists()
 
 
+def test_missing_checkpoint_row_and_manifest_mismatch(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+  """A missing checkpoint is a failed row (exit 1, the reason on one line); re-running into the
+  same --output_dir with another compute dtype is refused by the manifest, nothing changes."""
+  out = tmp_path / "out"
+  command = ["sweep", "--checkpoints", str(tmp_path / "gone" / "model.ckpt-3"),
+             "--inference_request", _request(tmp_path), "--bounding_box",
+             format_bounding_box(BOX), "--groundtruth", GROUNDTRUTH, "--output_dir", str(out),
+             "--cluster", "debug", "--wait"]
+  assert main(command) == 1
+  printed = capsys.readouterr().out
+  assert (f"failed: model.ckpt-3 box 24_0_48: {tmp_path}/gone/model.ckpt-3: checkpoint not "
+          "found (no model.ckpt-3.index)") in printed.splitlines()
+  assert not (out / "best_checkpoint.txt").exists()
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert main([*command, "--compute_dtype", "bfloat16"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "this run's 'compute_dtype' differs" in err
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_fork_flags() -> None:
   """run_slurm_inference.py's flags (the SLURM fork's names) land on ffn sweep's."""
   parser = argparse.ArgumentParser()

@@ -266,7 +266,7 @@ def _print(sweep: Sweep, table: Sequence[dict[str, Any]], ranked: Sequence[dict[
 
 
 def run(args: argparse.Namespace) -> int:
-  from ffn.blockwise import check_manifest, run_array, wait_for
+  from ffn.blockwise import check_manifest, compute_status, run_array, wait_for
   from slurm.executor import SlurmOptions
   if args.where is not None:
     args.cluster = "slurm" if args.where == "cluster" else "local"
@@ -279,23 +279,25 @@ def run(args: argparse.Namespace) -> int:
     raise FFNError(f"{args.train_dir or args.checkpoints}: no checkpoint to evaluate")
   check_manifest(sweep.run_dir, sweep.manifest, [])
   deadline = None if args.watch_minutes is None else time.monotonic() + 60 * args.watch_minutes
-  first = True
+  submitted: set[str] | None = None  # the checkpoints this invocation last submitted
   while True:
     items = sweep.items(found)
     worker = sweep.worker(found, args.retry_failed)
+    keys = {c.key for c in found}
     status = None
-    if items:
-      # Each invocation resubmits, once, what died or was cancelled in an earlier one.
+    if items and keys != submitted:
+      # The first round also resubmits what died or was cancelled in an earlier invocation.
       status = run_array(sweep.run_dir, worker, items, options,
                          chunks_per_task=args.evaluations_per_task, max_tasks=args.num_tasks,
-                         retry_failed=first, wait=args.wait and not args.watch)
-    first = False
+                         retry_failed=submitted is None, wait=args.wait and not args.watch)
+      submitted = keys
+    elif items:
+      status = compute_status(sweep.run_dir, items, worker.is_done)
     table, ranked = sweep.report(found, items, status)
     if not args.watch:
       break
     finished = status is None or not status.active
-    if finished and sweep.reached_max_step() and set(c.key for c in found) == set(
-        c.key for c in sweep.checkpoints()):
+    if finished and sweep.reached_max_step() and keys == {c.key for c in sweep.checkpoints()}:
       break
     if deadline is not None and time.monotonic() > deadline:
       if status is not None and status.active:

@@ -31,7 +31,7 @@ from ffn.blockwise import TaskInterrupted, TaskReport, WorkItem, Worker
 from ffn.errors import FFNError
 from ffn.inference import storage
 from ffn.io.atomic import write_text_atomic
-from ffn.sweep.checkpoints import Checkpoint
+from ffn.sweep.checkpoints import Checkpoint, is_complete
 
 _log = logging.getLogger(__name__)
 
@@ -173,6 +173,12 @@ class SweepWorker(Worker):
     from ffn.inference.request import parse_request
     if checkpoint.problem:
       raise FFNError(checkpoint.problem)
+    if not os.path.isdir(checkpoint.path):  # a directory: its latest checkpoint (models.load)
+      if not os.path.exists(checkpoint.path + ".index"):
+        raise FFNError(f"{checkpoint.path}: checkpoint not found (no "
+                       f"{os.path.basename(checkpoint.path)}.index)")
+      if not is_complete(checkpoint.path):
+        raise FFNError(f"{checkpoint.path}: incomplete checkpoint (a .data-* shard is missing)")
     request = parse_request(self.template, "sweep inference request")
     name = checkpoint.model_name or request.model_name or None
     args = checkpoint.model_args if checkpoint.model_args is not None else (
