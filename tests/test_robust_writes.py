@@ -303,3 +303,16 @@ def test_concurrent_write_h5_keeps_every_writers_datasets(tmp_path):
   with h5py.File(path, "r") as f:
     assert sorted(f) == sorted(f"p{me}_{k}" for me in (0, 1) for k in range(8))
     assert all(int(f[f"p{me}_{k}"][0, 0, 0]) == 10 * me + k for me in (0, 1) for k in range(8))
+
+
+def test_atomic_dir_without_rename_exchange_still_replaces_the_folder(tmp_path, monkeypatch):
+  """Where the file system cannot exchange (NFS; simulated: this one can), the old folder is
+  renamed aside, the new one put in place and the old one removed."""
+  target = tmp_path / "layer"
+  with atomic.atomic_dir(target) as d:
+    (d / "old").write_text("old")
+  monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+  with atomic.atomic_dir(target) as d:
+    (d / "new").write_text("new")
+  assert [p.name for p in target.iterdir()] == ["new"]
+  assert [p.name for p in tmp_path.iterdir()] == ["layer"]
