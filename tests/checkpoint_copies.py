@@ -1,7 +1,7 @@
 """Checkpoints that truly differ, for sweep tests and benchmarks: copies of a TF1 (google/ffn)
-checkpoint with Gaussian noise added to its weights, and small random models.
+checkpoint with Gaussian noise added to its weights.
 
-Both are written with TensorFlow's ``SaveV2`` op under the variables' TF1 names
+They are written with TensorFlow's ``SaveV2`` op under the variables' TF1 names
 (``seed_update/conv0_a/weights`` ...), which :func:`ffn.models.load` reads like google's files.
 """
 
@@ -41,10 +41,3 @@ def perturbed_copy(source: str | os.PathLike, prefix: str | os.PathLike, sigma: 
     tensors[name] = value
   return write_tf1_checkpoint(prefix, tensors)
 
-
-def random_model_checkpoint(prefix: str | os.PathLike, model_args: dict, seed: int = 0) -> str:
-  """A freshly initialised ``convstack_3d`` model with ``model_args`` saved under TF1 names."""
-  from ffn.models import build_model
-  model = build_model("convstack_3d", model_args, seed=seed)
-  return write_tf1_checkpoint(prefix, {name: var.numpy()
-                                       for name, var in model.named_variables().items()})

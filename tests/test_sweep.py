@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoint_copies import perturbed_copy, random_model_checkpoint, write_tf1_checkpoint
+from checkpoint_copies import perturbed_copy
 from ffn.axes import BoundingBox
 from ffn.cli import main
 from ffn.demo import write_sample_request
@@ -199,29 +199,36 @@ def test_fork_flags() -> None:
 
 # ---------------------------------------------------------------------- --watch (debug cluster)
 
-def _tiny_model(prefix: Path, seed: int) -> None:
-  """A 2-layer random convstack whose last layer is zero: the network returns the seed."""
-  random_model_checkpoint(prefix, TINY_ARGS, seed=seed)
-  import tensorflow as tf
-  reader = tf.train.load_checkpoint(str(prefix))
-  tensors = {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()}
-  tensors["seed_update/conv_lom/weights"][...] = 0
-  write_tf1_checkpoint(prefix, tensors)
-
-
 TINY_ARGS = {"depth": 2, "fov_size": [9, 9, 9], "deltas": [2, 2, 2], "features": 4}
 
 
+def _trainer(train_dir: Path):
+  """``ffn train``'s Trainer for a 2-layer model (its checkpoints and train_flags.json are the
+  real ones); the last layer is zeroed, so the network returns the seed it is given."""
+  from ffn.training.trainer import Trainer, TrainConfig
+  trainer = Trainer(TrainConfig(train_coords="unused", data_volumes="unused",
+                                label_volumes="unused", model_name="convstack_3d",
+                                model_args=TINY_ARGS, image_mean=128, image_stddev=33,
+                                train_dir=str(train_dir)))
+  trainer.write_flags()
+  trainer.model.convs["conv_lom"].weights.assign(np.zeros(trainer.model.convs["conv_lom"].weights.shape,
+                                                          np.float32))
+  return trainer
+
+
+def _save_at(trainer, step: int) -> None:
+  trainer.step.assign(step)
+  trainer.save()
+
+
 def test_watch_picks_up_new_checkpoint_reverse_proxies_tensorboard(tmp_path: Path) -> None:
-  """--watch on a train dir: ckpt-200 is written only after ckpt-100's evaluation finished; the
-  sweep evaluates it too, stops at --max_step, and writes both as TensorBoard scalars. A
-  half-written checkpoint (index, no data) is never picked up."""
+  """--watch on a train dir of ``ffn train``'s (TF2) checkpoints: ckpt-200 is written only after
+  ckpt-100's evaluation finished; the sweep evaluates it too, stops at --max_step, and writes
+  both as TensorBoard scalars. A half-written checkpoint (index, no data) is never picked up."""
   import tensorflow as tf
   train = tmp_path / "train"
-  train.mkdir()
-  (train / "train_flags.json").write_text(json.dumps(
-      {"model_name": "convstack_3d.ConvStack3DFFNModel", "model_args": TINY_ARGS}))
-  _tiny_model(train / "model.ckpt-100", seed=1)
+  trainer = _trainer(train)
+  _save_at(trainer, 100)
   out = tmp_path / "out"
   box = BoundingBox((40, 40, 40), (32, 32, 32))
   first_score = out / "evals" / "ckpt-100" / "scores" / "40_40_40.json"
@@ -232,7 +239,7 @@ def test_watch_picks_up_new_checkpoint_reverse_proxies_tensorboard(tmp_path: Pat
     while not first_score.exists() and time.monotonic() < deadline:
       time.sleep(0.05)
     (train / "model.ckpt-150.index").write_bytes(b"")  # never completed
-    _tiny_model(train / "model.ckpt-200", seed=2)
+    _save_at(trainer, 200)
     written["ckpt-200"] = time.time()
 
   thread = threading.Thread(target=train_more)
