@@ -137,6 +137,31 @@ def test_rank_means_over_boxes_and_outputs(tmp_path: Path) -> None:
   assert "a label-free PROXY" in proxy
 
 
+def test_rows_from_scores_and_task_states(tmp_path: Path) -> None:
+  """A row comes from the evaluation's score file, else from the array: a failed task's row
+  names its reason, task, job and log; the summary lists it."""
+  from ffn.blockwise import ItemStatus, RunStatus, WorkItem
+  from ffn.sweep.worker import item_id
+  found = checkpoints.from_list([str(tmp_path / "a" / "model.ckpt-1"),
+                                 str(tmp_path / "b" / "model.ckpt-2")])
+  sweep_items = [WorkItem(item_id(c.key, BOX), BOX, BOX, 1) for c in found]
+  score = tmp_path / "out" / "evals" / found[0].key / "scores" / "24_0_48.json"
+  score.parent.mkdir(parents=True)
+  score.write_text(json.dumps({**_row(found[0].key, 1, "24_0_48", 0.3), "checkpoint": "moved"}))
+  log = str(tmp_path / "logs" / "7_1" / "7_1_0_log.err")
+  status = RunStatus(str(tmp_path), sweep_items, {
+      sweep_items[1].id: ItemStatus("failed", "0001_1", "7_1", log, "task died (process 9 gone)")})
+  table = report.rows(str(tmp_path / "out"), found, [BOX], sweep_items, status)
+  assert [(r["key"], r["status"]) for r in table] == [(found[0].key, "ok"), (found[1].key, "failed")]
+  assert table[0]["checkpoint"] == found[0].path and table[0]["vi"] == pytest.approx(0.8)
+  assert table[1]["reason"] == "task died (process 9 gone) (task 0001_1, job 7_1)"
+  assert table[1]["log"] == log and table[1]["step"] == 2 and table[1]["box"] == "24_0_48"
+  summary = report.summary_text(table, report.rank(table, "adapted_rand_error"),
+                                "adapted_rand_error", GROUNDTRUTH)
+  assert f"- `{found[1].key}` box 24_0_48: failed: task died (process 9 gone) (task 0001_1, " \
+         f"job 7_1) (log: {log})" in summary
+
+
 # ------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("flags, message", [
