@@ -175,6 +175,7 @@ def test_rows_from_scores_and_task_states(tmp_path: Path) -> None:
       f"{REPO}/sample_data/fib25/training_sample2_crop.h5:nope"], "nope"),
     (["--checkpoints", "a", "--bounding_box", format_bounding_box(BOX), "--watch"],
      "--watch needs --train_dir"),
+    (["--checkpoints", "a", "--last", "2"], "--every_steps and --last choose among a --train_dir"),
 ])
 def test_bad_input_one_line_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture,
                                             flags: list[str], message: str) -> None:

@@ -165,6 +165,9 @@ class Sweep:
         raise FFNError(f"--{name} must be >= 1, got {value}")
     if args.poll_s <= 0:
       raise FFNError(f"--poll_s must be positive, got {args.poll_s}")
+    if args.checkpoints is not None and (args.every_steps is not None or args.last is not None):
+      raise FFNError("--every_steps and --last choose among a --train_dir's checkpoints; with "
+                     "--checkpoints list the ones to evaluate")
     if args.watch and args.checkpoints is not None:
       raise FFNError("--watch needs --train_dir (a directory that training writes into)")
     self.args = args

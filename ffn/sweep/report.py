@@ -246,6 +246,9 @@ def write_outputs(output_dir: str, table: list[dict[str, Any]], select_by: str,
   if ranked:
     write_plot(str(out / "metrics.png"), table, ranked)
     write_text_atomic(out / "best_checkpoint.txt", ranked[0]["checkpoint"] + "\n")
+  else:  # nothing scored (yet): no choice, and no stale one
+    for name in ("metrics.png", "best_checkpoint.txt"):
+      (out / name).unlink(missing_ok=True)
   if events is not None:
     write_tensorboard(str(summary_dir), ranked)
   write_text_atomic(previous, text)
