@@ -117,10 +117,15 @@ def block_contacts(labels: np.ndarray, write_lo_zyx: Sequence[int] = (0, 0, 0),
   present = np.flatnonzero(counts[1:]) + 1
   ids, sizes = original[present], counts[present].astype(np.int64)
 
-  keys, flats, face_keys = [], [], []
-  whole = bool(np.all(lo == 0) and np.all(hi == shape))
+  # Pass 1, one comparison per offset over the whole block: each voxel's smallest and largest
+  # touching id (other than its own and 0), and the faces between different ids.
+  dtype = dense.dtype
+  low = np.full(dense.shape, n, dtype)
+  high = np.full(dense.shape, -1, dtype)
+  face_keys = []
   faces = {tuple(f) for f in FACES}
-  for d in neighbour_offsets(max_distance):
+  offsets = neighbour_offsets(max_distance)
+  for d in offsets:
     u_lo = np.maximum(0, -d)
     u_hi = shape - np.maximum(0, d)
     if np.any(u_hi <= u_lo):
@@ -131,38 +136,55 @@ def block_contacts(labels: np.ndarray, write_lo_zyx: Sequence[int] = (0, 0, 0),
     hit = a != b
     hit &= a != 0
     hit &= b != 0
-    where = np.nonzero(hit)
-    if not where[0].size:
+    if not hit.any():
       continue
-    av, bv = a[where].astype(np.int64), b[where].astype(np.int64)
-    key = np.minimum(av, bv) * n + np.maximum(av, bv)
-    u = [c.astype(np.int64) + int(o) for c, o in zip(where, u_lo)]
-    v = [c + int(o) for c, o in zip(u, d)]
-    u_in = None
-    for side in (u, v):
-      if whole:
-        inside = slice(None)
-      else:
-        inside = (side[0] >= lo[0]) & (side[0] < hi[0]) & (side[1] >= lo[1]) & (
-            side[1] < hi[1]) & (side[2] >= lo[2]) & (side[2] < hi[2])
-      u_in = inside if u_in is None else u_in
-      keys.append(key[inside])
-      flats.append((side[0][inside] * shape[1] + side[1][inside]) * shape[2] + side[2][inside])
+    for side, other in ((su, b), (sv, a)):
+      np.minimum(low[side], np.where(hit, other, n), out=low[side])
+      np.maximum(high[side], np.where(hit, other, -1), out=high[side])
     if tuple(d) in faces:
-      face_keys.append(key[u_in])
-  key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-  flat = np.concatenate(flats) if flats else np.zeros(0, np.int64)
-  volume = int(np.prod(shape))
-  if float(n) * n * volume < 2.0 ** 62:  # one int64 key per (pair, voxel): one sort
-    both = _sorted_unique(key * volume + flat)
-    key, flat = both // volume, both % volume
-  else:
-    order = np.lexsort((flat, key))
-    key, flat = key[order], flat[order]
-    first = np.ones(key.size, bool)
-    first[1:] = (key[1:] != key[:-1]) | (flat[1:] != flat[:-1])
-    key, flat = key[first], flat[first]
-  pair_keys = _sorted_unique(key)  # key is sorted
+      where = np.nonzero(hit)
+      u = [c.astype(np.int64) + int(o) for c, o in zip(where, u_lo)]
+      inside = np.ones(u[0].size, bool)
+      for axis in range(3):
+        inside &= (u[axis] >= lo[axis]) & (u[axis] < hi[axis])
+      av, bv = a[where][inside].astype(np.int64), b[where][inside].astype(np.int64)
+      face_keys.append(np.minimum(av, bv) * n + np.maximum(av, bv))
+  # Pass 2, only on the write region's contact voxels: one record per voxel that touches one id;
+  # voxels touching several ids (junctions) gather their neighbourhood explicitly.
+  window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+  w_low, w_high, w_own = low[window], high[window], dense[window]
+  del low, high
+  contact = w_low < n
+  single = contact & (w_low == w_high)
+  where = np.nonzero(single)
+  own = w_own[where].astype(np.int64)
+  other = w_low[where].astype(np.int64)
+  keys = [np.minimum(own, other) * n + np.maximum(own, other)]
+  flats = [np.ravel_multi_index(tuple(c.astype(np.int64) + int(o) for c, o in zip(where, lo)),
+                                tuple(shape))]
+  multi = np.stack(np.nonzero(contact & ~single), 1).astype(np.int64) + lo
+  if multi.size:
+    own = dense[tuple(multi.T)].astype(np.int64)
+    flat_m = np.ravel_multi_index(tuple(multi.T), tuple(shape))
+    mk, mf = [], []
+    for d in np.concatenate([offsets, -offsets]):
+      q = multi + d
+      ok = np.all((q >= 0) & (q < shape), axis=1)
+      nb = np.full(own.size, 0, np.int64)
+      nb[ok] = dense[tuple(q[ok].T)]
+      hit = (nb != 0) & (nb != own)
+      mk.append(np.minimum(own[hit], nb[hit]) * n + np.maximum(own[hit], nb[hit]))
+      mf.append(flat_m[hit])
+    mkey, mflat = np.concatenate(mk), np.concatenate(mf)
+    order = np.lexsort((mflat, mkey))
+    mkey, mflat = mkey[order], mflat[order]
+    first = np.ones(mkey.size, bool)
+    first[1:] = (mkey[1:] != mkey[:-1]) | (mflat[1:] != mflat[:-1])
+    keys.append(mkey[first])
+    flats.append(mflat[first])
+  key = np.concatenate(keys)
+  flat = np.concatenate(flats)
+  pair_keys = _sorted_unique(key)
   contact_pair = np.searchsorted(pair_keys, key)
   face = np.concatenate(face_keys) if face_keys else np.zeros(0, np.int64)
   area = np.zeros(pair_keys.size, np.int64)
