@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import threading
 
@@ -192,3 +193,47 @@ def test_request_built_from_pairs_and_a_result_npz(volume, tmp_path):
   expect = np.zeros_like(base)
   expect[8:28, 6:26, 4:36] = crop
   assert np.array_equal(placed, expect)
+
+
+def test_analyze_agglomerate_queue_cli(volume, tmp_path, capsys):
+  from google.protobuf import text_format
+  from ffn.cli import main
+  req = request(volume, tmp_path / "r", POINTS)
+  process_points(processor(req), range(len(POINTS)))
+  (tmp_path / "r" / "request.pbtxt").write_text(text_format.MessageToString(req))
+  base = h5py.File(volume / "data.h5")["base"][:]
+  gt = np.where(np.isin(base, (10, 20)), 1, np.where(base == 30, 2, 0)).astype(np.uint16)
+  gt[:, 18] = 0  # the dark row is no body
+  with h5py.File(tmp_path / "gt.h5", "w") as f:
+    f["gt"] = gt
+  aff = str(tmp_path / "r" / "affinities.csv")
+  assert main(["reseg", "analyze", "--resegmentation_request", str(tmp_path / "r"), "--output", aff,
+               "--groundtruth", f"{tmp_path}/gt.h5:gt"]) == 0
+  out = capsys.readouterr().out
+  assert "5 pairs" in out and "3 ok" in out and "precision 1.000, recall 1.000" in out
+  assert (tmp_path / "r" / "affinities_pr.png").read_bytes()[:4] == b"\x89PNG"
+  sweep = (tmp_path / "r" / "affinities_pr.csv").read_text().splitlines()
+  assert sweep[0] == "threshold,tp,fp,fn,precision,recall" and sweep[1] == "0,1,2,0,0.333333,1"
+  agg = tmp_path / "agg"
+  assert main(["reseg", "agglomerate", "--affinities", aff, "--resegmentation_request",
+               str(tmp_path / "r"), "--output_dir", str(agg), "--groundtruth",
+               f"{tmp_path}/gt.h5:gt"]) == 0
+  assert (agg / "mapping.csv").read_text() == "sv,body\n10,10\n20,10\n30,30\n"
+  assert (agg / "merges.csv").read_text().splitlines()[1].startswith("10,20,")
+  assert len((agg / "merge_table.csv").read_text().splitlines()) == 1 + 3
+  with h5py.File(agg / "agglomerated.h5") as f:
+    assert np.array_equal(f["seg"][:], np.where(base == 20, 10, base))
+  summary = json.loads((agg / "summary.json").read_text())
+  assert summary["merges"] == 1 and summary["agglomerated_scores"]["vi_split"] < \
+      summary["base_scores"]["vi_split"]
+  assert main(["reseg", "agglomerate", "--affinities", aff, "--resegmentation_request",
+               str(tmp_path / "r"), "--output_dir", str(tmp_path / "kept"), "--preserve", "20"]) == 0
+  assert (tmp_path / "kept" / "mapping.csv").read_text() == "sv,body\n10,10\n20,20\n30,30\n"
+  assert main(["reseg", "queue", "--affinities", aff, "--output_dir", str(tmp_path / "q"),
+               "--segmentation_source", "precomputed://http://h/seg", "--band", "0,1"]) == 0
+  assert len((tmp_path / "q" / "queue.csv").read_text().splitlines()) == 1 + 3
+  capsys.readouterr()
+  assert main(["reseg", "queue", "--affinities", aff, "--output_dir", str(tmp_path / "q2"),
+               "--segmentation_source", "x", "--band", "0.9"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--band" in err[0] and not (tmp_path / "q2").exists()
