@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import fastremap
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
+
+from ffn import labels as label_ops
 
 
 def node_offsets(ids_per_chunk: Sequence[np.ndarray]) -> np.ndarray:
@@ -66,5 +67,4 @@ def relabel(labels: np.ndarray, local_ids: np.ndarray, global_of_local: np.ndarr
   """
   table = {int(k): int(v) for k, v in zip(local_ids.tolist(), global_of_local.tolist())}
   table[0] = 0
-  return fastremap.remap(labels.astype(np.uint64), table, preserve_missing_labels=False,
-                        in_place=True)
+  return label_ops.remap(labels.astype(np.uint64), table, in_place=True)
