@@ -34,26 +34,20 @@ def instances(mask: np.ndarray, connectivity: int = 6, min_size: int = 0) -> np.
   """Connected components of a boolean z,y,x ``mask`` as int64 ids 1..n (see the module docstring).
 
   Components of fewer than ``min_size`` voxels are 0; the others are numbered consecutively in
-  the order of their first voxel in C (z, y, x) order.
+  the order of their first voxel in C (z, y, x) order (:func:`ffn.labels.connected_components`).
   """
-  import cc3d
+  from ffn import labels as label_ops
   if connectivity not in CONNECTIVITIES:
     raise FFNError(f"--connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
   if mask.ndim != 3:
     raise FFNError(f"expected a 3D (z,y,x) mask, got shape {mask.shape}")
-  components = cc3d.connected_components(np.ascontiguousarray(mask, dtype=np.uint8),
-                                         connectivity=connectivity, out_dtype=np.uint64)
-  flat = components.ravel()
-  sizes = np.bincount(flat.astype(np.int64))
-  keep = sizes >= max(int(min_size), 1)
-  keep[0] = False
-  # Renumber the kept components by their first voxel in z,y,x order.
-  ids, first = np.unique(flat, return_index=True)
-  kept = ids[keep[ids.astype(np.int64)]]
-  order = kept[np.argsort(first[keep[ids.astype(np.int64)]], kind="stable")]
-  table = np.zeros(sizes.size, np.int64)
-  table[order.astype(np.int64)] = np.arange(1, order.size + 1)
-  return table[components.astype(np.int64)]
+  pieces, _ = label_ops.connected_components(mask.astype(np.uint8, copy=False), connectivity)
+  if min_size > 1:
+    label_ops.clear_small(pieces, min_size)
+  # Pieces are numbered in raster order of their first voxel: renumber the kept ones 1..n in order.
+  kept = [int(k) for k in label_ops.unique(pieces) if k != 0]
+  table = {0: 0, **{k: i for i, k in enumerate(kept, start=1)}}
+  return label_ops.remap(pieces, table).astype(np.int64)
 
 
 def convert_mask(input_spec: str, output_spec: str, invert: bool = False, threshold: float = 0,
