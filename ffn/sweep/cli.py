@@ -39,7 +39,10 @@ from typing import Any, Sequence
 
 import ffn
 from ffn.axes import BoundingBox
+from ffn.blockwise import RunStatus, WorkItem
 from ffn.errors import FFNError
+from ffn.sweep.checkpoints import Checkpoint
+from ffn.sweep.worker import SweepWorker
 
 _log = logging.getLogger(__name__)
 
@@ -209,7 +212,8 @@ class Sweep:
         "split_min_size": self.split_min_size if args.reverse else None,
         "compute_dtype": args.compute_dtype}
 
-  def checkpoints(self):
+  def checkpoints(self) -> list[Checkpoint]:
+    """The checkpoints to evaluate now (the train dir is looked at again on every call)."""
     from ffn.sweep import checkpoints
     a = self.args
     if a.train_dir is not None:
@@ -231,19 +235,19 @@ class Sweep:
     return any(c.step is not None and c.step >= self.args.max_step
                for c in checkpoints.discover(self.args.train_dir))
 
-  def items(self, found) -> list:
-    from ffn.blockwise import WorkItem
+  def items(self, found: Sequence[Checkpoint]) -> list[WorkItem]:
+    """One item per (checkpoint, box): write and read box = the box, cost = its voxels."""
     from ffn.sweep.worker import item_id
     return [WorkItem(item_id(c.key, box), box, box, int(box.size.prod())) for c in found
             for box in self.boxes]
 
-  def worker(self, found, retry_failed: bool):
-    from ffn.sweep.worker import SweepWorker
+  def worker(self, found: Sequence[Checkpoint], retry_failed: bool) -> SweepWorker:
     return SweepWorker(self.output_dir, self.template, {c.key: c.to_json() for c in found},
                        bool(self.args.reverse), self.split_min_size, self.groundtruth,
                        self.args.compute_dtype, retry_failed)
 
-  def report(self, found, items, status) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  def report(self, found: Sequence[Checkpoint], items: Sequence[WorkItem], status: RunStatus | None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows and ranking; writes the output files when they changed."""
     from ffn.sweep import report
     table = report.rows(self.output_dir, found, self.boxes, items, status)
