@@ -18,8 +18,9 @@ distance transform is scipy's ``distance_transform_edt`` here, isotropic voxels)
 ``PolicyImagePeaks3D2D``, ``PolicyImagePeaks2DDisk``, ``PolicyGrid3d``, ``PolicyGrid2d``,
 ``PolicyInvertOrigins``, ``PolicyDenseSeeds``, ``ReverseCoords``, ``SequentialPolicies``.
 Peaks are skimage's ``peak_local_max``, as google calls it. Differences on purpose:
-``PolicyMax`` breaks ties in raster order (google's reversed argsort leaves them reversed);
-``PolicyInvertOrigins`` sorts by id (google's ``.sort()`` on ``dict.items()`` fails on Python 3).
+``PolicyMax`` breaks ties in raster order (google's reversed, unstable argsort leaves their order
+unspecified); ``PolicyInvertOrigins`` sorts by id (google's ``.sort()`` on ``dict.items()`` fails
+on Python 3).
 
 Register a new policy with :func:`register`; it becomes available by class name in
 ``InferenceRequest.seed_policy``.
