@@ -4,7 +4,8 @@ Layout (``corner`` is the subvolume's lowest voxel; file names give it as x_y_z)
 
   <output_dir>/<x>/<y>/seg-<x>_<y>_<z>.npz     segmentation result
   <output_dir>/<x>/<y>/seg-<x>_<y>_<z>.prob    quantised object probability (npz, key ``qprob``)
-  <output_dir>/<x>/<y>/seg-<x>_<y>_<z>.cpoint  inference checkpoint (deleted when done)
+  <output_dir>/<x>/<y>/seg-<x>_<y>_<z>.cpoint  inference checkpoint (deleted when done; google's
+                                               keys and forms, both ways: Canvas.save_checkpoint)
 
 The ``.npz`` holds, like google/ffn's ``storage.save_subvolume``: ``segmentation`` (z,y,x, the
 smallest unsigned dtype holding the largest id), ``origins`` (pickled dict id -> :class:`OriginInfo`,
