@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import io
 import json
 import os
 import sys
@@ -35,11 +36,72 @@ NEUROGLANCER_CLIENT = "https://neuroglancer-demo.appspot.com/"
 
 
 class CORSRequestHandler(http.server.SimpleHTTPRequestHandler):
-  """Static files with ``Access-Control-Allow-Origin: *``."""
+  """Static files with ``Access-Control-Allow-Origin: *`` and single byte ranges (``Range: bytes=a-b``,
+  ``bytes=a-``, ``bytes=-n`` -> 206 with ``Content-Range``; unsatisfiable -> 416): Neuroglancer reads
+  a *sharded* precomputed layer by fetching the shard index and then each minishard and chunk as
+  byte ranges of one shard file, which Python's ``http.server`` alone answers with the whole file."""
 
   def end_headers(self) -> None:
     self.send_header("Access-Control-Allow-Origin", "*")
+    self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, Accept-Ranges")
     super().end_headers()
+
+  def do_OPTIONS(self) -> None:  # CORS preflight (a Range header may trigger one)
+    self.send_response(204)
+    self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+    self.send_header("Access-Control-Allow-Headers", "Range")
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
+  def _byte_range(self, size: int) -> tuple[int, int] | None | str:
+    """(first, last) inclusive of a valid single range, None without one, "bad" if unsatisfiable."""
+    header = self.headers.get("Range")
+    if not header or not header.startswith("bytes=") or "," in header:
+      return None
+    first, _, last = header[len("bytes="):].strip().partition("-")
+    try:
+      if first == "":
+        n = int(last)
+        return (max(size - n, 0), size - 1) if n > 0 and size else "bad"
+      a = int(first)
+      b = int(last) if last else size - 1
+    except ValueError:
+      return None
+    if a >= size or b < a:
+      return "bad"
+    return a, min(b, size - 1)
+
+  def send_head(self):
+    path = self.translate_path(self.path)
+    if "Range" not in self.headers or not os.path.isfile(path):
+      return super().send_head()
+    try:
+      f = open(path, "rb")
+    except OSError:
+      self.send_error(404, "File not found")
+      return None
+    size = os.fstat(f.fileno()).st_size
+    span = self._byte_range(size)
+    if span is None:
+      f.close()
+      return super().send_head()
+    if span == "bad":
+      f.close()
+      self.send_response(416)
+      self.send_header("Content-Range", f"bytes */{size}")
+      self.send_header("Content-Length", "0")
+      self.end_headers()
+      return None
+    first, last = span
+    self.send_response(206)
+    self.send_header("Content-Type", self.guess_type(path))
+    self.send_header("Accept-Ranges", "bytes")
+    self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+    self.send_header("Content-Length", str(last - first + 1))
+    self.end_headers()
+    with f:
+      f.seek(first)
+      return io.BytesIO(f.read(last - first + 1))  # copied out by do_GET, not sent by do_HEAD
 
 
 def precomputed_layers(directory: str) -> list[tuple[str, str]]:
