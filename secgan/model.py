@@ -42,6 +42,7 @@ from secgan.networks import Generator, center_crop, check_crop, make_discriminat
 from secgan.normalization import unit_to_ffn
 from secgan.pool import FakePool
 
+RESNET_MIN_FOV = 7
 LOSS_NAMES = ("G", "F", "D_u", "D_l", "D_S", "cycle_l", "cycle_u", "adv_G", "adv_F", "seg_F")
 
 
@@ -101,6 +102,10 @@ class SecganConfig:
       raise FFNError(f"--compute_dtype {self.compute_dtype!r}: expected float32 or bfloat16")
     if min(self.fov_size) < 1:
       raise FFNError(f"--fov_size must be positive, got {list(self.fov_size)}")
+    if self.discriminator == "resnet" and min(self.fov_size) < RESNET_MIN_FOV:
+      # TF 2's CPU conv3d gradient crashed (segfault) on the 7^3 stride-2 stem over 5^3 inputs.
+      raise FFNError(f"--fov_size {list(self.fov_size)}: the resnet discriminator needs at least "
+                     f"{RESNET_MIN_FOV} voxels along each axis (its 7^3 stem); use --discriminator conv")
     if self.ffn_checkpoint is None and self.seg_lambda:
       self.seg_lambda = 0.0  # no FFN: a plain CycleGAN (no D_S)
 
