@@ -68,7 +68,7 @@ def context_voxels(max_distance: float | None) -> int:
 @dataclasses.dataclass
 class BlockContacts:
   """What one block contributes. Pairs are global ids (uint64, ``id_a < id_b``); contact voxels
-  are rows of ``contact_pair`` (index into the pairs) and ``contact_zyx`` (global, int64)."""
+  are rows of ``contact_pair`` (index into the pairs) and ``contact_zyx`` (global, int32)."""
   id_a: np.ndarray
   id_b: np.ndarray
   area: np.ndarray
@@ -190,7 +190,7 @@ def block_contacts(labels: np.ndarray, write_lo_zyx: Sequence[int] = (0, 0, 0),
   area = np.zeros(pair_keys.size, np.int64)
   if face.size:
     area = np.bincount(np.searchsorted(pair_keys, face), minlength=pair_keys.size).astype(np.int64)
-  zyx = np.stack(np.unravel_index(flat, tuple(shape)), 1).astype(np.int64) + origin
+  zyx = (np.stack(np.unravel_index(flat, tuple(shape)), 1) + origin).astype(np.int32)
   return BlockContacts(original[pair_keys // n], original[pair_keys % n], area,
                        contact_pair.astype(np.int64).reshape(-1), zyx.reshape(-1, 3), ids, sizes)
 
@@ -238,18 +238,27 @@ def merge_blocks(blocks: Sequence[BlockContacts]) -> PairTable:
     cz.append(b.contact_zyx)
     offset += b.id_a.size
   contact_pair = np.concatenate(cp) if cp else np.zeros(0, np.int64)
-  zyx = np.concatenate(cz) if cz else np.zeros((0, 3), np.int64)
+  zyx = np.concatenate(cz) if cz else np.zeros((0, 3), np.int32)
   count = np.bincount(contact_pair, minlength=len(unique)).astype(np.int64)
   # count^2 * squared distance to the mean: integer differences (exact), so ties and the chosen
   # voxel do not depend on how the volume was cut into blocks.
-  sums = np.stack([np.bincount(contact_pair, zyx[:, k], len(unique)) for k in range(3)], 1)
-  diff = zyx * count[contact_pair][:, None] - np.rint(sums[contact_pair]).astype(np.int64)
-  dist2 = np.sum(diff.astype(np.float64) ** 2, axis=1)
-  order = np.lexsort((zyx[:, 2], zyx[:, 1], zyx[:, 0], dist2, contact_pair))
+  per_record = count[contact_pair]
+  dist2 = np.zeros(contact_pair.size, np.float64)
+  for k in range(3):  # one axis at a time: memory of a few vectors, not [n, 3] temporaries
+    coord = zyx[:, k].astype(np.int64)
+    total_k = np.rint(np.bincount(contact_pair, coord, len(unique))).astype(np.int64)
+    diff = coord * per_record - total_k[contact_pair]
+    dist2 += diff.astype(np.float64) ** 2
+  del per_record
+  raster = ((zyx[:, 0].astype(np.int64) << 42) + (zyx[:, 1].astype(np.int64) << 21)
+            + zyx[:, 2].astype(np.int64))  # z, y, x order (coordinates < 2^21)
+  order = np.lexsort((raster, dist2, contact_pair))
+  del raster, dist2
+  chosen = contact_pair[order]
   first = np.ones(order.size, bool)
-  first[1:] = contact_pair[order][1:] != contact_pair[order][:-1]
+  first[1:] = chosen[1:] != chosen[:-1]
   point = np.zeros((len(unique), 3), np.int64)
-  point[contact_pair[order][first]] = zyx[order][first]
+  point[chosen[first]] = zyx[order[first]]
   ids = np.concatenate([b.ids for b in blocks]) if blocks else np.zeros(0, np.uint64)
   sizes = np.concatenate([b.sizes for b in blocks]) if blocks else np.zeros(0, np.int64)
   uid, sinv = np.unique(ids, return_inverse=True)
