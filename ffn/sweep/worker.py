@@ -11,7 +11,10 @@ Files of one evaluation, under the sweep's ``--output_dir`` (``<key>``: the chec
 The score file is written last and atomically: it is what makes an evaluation done (a re-run
 skips it). A checkpoint that cannot be loaded (missing, corrupt, shapes not matching its
 model_args) gets a ``failed`` score file for each of its boxes with the one-line reason, and the
-task goes on with its other evaluations. Inference resumes from its ``.cpoint`` checkpoints.
+task goes on with its other evaluations; so does an evaluation stopped by an input error
+(FFNError). Any other exception fails the task: :mod:`ffn.blockwise` reports its evaluations as
+failed with the task's log, and a re-run submits them again. Inference resumes from its
+``.cpoint`` checkpoints.
 """
 
 from __future__ import annotations
@@ -140,9 +143,15 @@ class SweepWorker(Worker):
       checkpoint = Checkpoint.from_json(self.checkpoints[key])
       start = time.monotonic()
       try:
-        model = self._load(checkpoint)
-      except Exception as e:  # noqa: BLE001 - any load failure is this checkpoint's row
-        reason = one_line(e)
+        model, reason = self._load(checkpoint), None
+      except FFNError as e:
+        model, reason = None, one_line(e)
+      except Exception as e:  # noqa: BLE001 - narrowed here (TensorFlow is imported lazily)
+        import tensorflow as tf
+        if not isinstance(e, (tf.errors.OpError, ValueError, OSError)):
+          raise
+        model, reason = None, one_line(e)
+      if reason is not None:  # the checkpoint cannot be loaded: its rows say why
         _log.warning("%s: not evaluated: %s", checkpoint.path, reason)
         for item in todo:
           report.started(item)
@@ -155,9 +164,13 @@ class SweepWorker(Worker):
           raise TaskInterrupted("stopped before the next evaluation")
         report.started(item)
         began = time.monotonic()
-        scores = self._evaluate(checkpoint, model, item)
-        self._write(item, checkpoint, {"status": "ok", **scores,
-                                       "seconds": round(time.monotonic() - began, 3)})
+        try:
+          scores = self._evaluate(checkpoint, model, item)
+        except FFNError as e:  # e.g. an unreadable result or ground truth: this row only
+          self._write(item, checkpoint, {"status": "failed", "reason": one_line(e)})
+        else:
+          self._write(item, checkpoint, {"status": "ok", **scores,
+                                         "seconds": round(time.monotonic() - began, 3)})
         report.finished(item)
 
   def stop(self) -> None:
