@@ -143,13 +143,14 @@ def run_transfer(args: argparse.Namespace) -> int:
   from ffn.blockwise import check_manifest, run_array, status_lines
   from ffn.io.volumes import Volume
   from secgan import transfer
+  from secgan.normalization import check_volume_dtype
   from slurm.executor import SlurmOptions
   options = SlurmOptions.from_args(args)
   fmt, out_path, _ = transfer.check_output_spec(args.output)
   checkpoint = os.path.abspath(args.checkpoint)
   gen = transfer.load_generator(checkpoint)  # checks the checkpoint before any job starts
   with Volume(args.input) as volume:
-    transfer.check_volume_dtype(str(volume.spec), volume.dtype)
+    check_volume_dtype(str(volume.spec), volume.dtype)
     transfer.check_volume_shape(volume)
     shape = tuple(volume.shape)
     input_spec = str(volume.spec)

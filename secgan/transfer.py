@@ -40,7 +40,7 @@ from ffn.blockwise import TaskInterrupted, TaskReport, WorkItem, Worker, plan
 from ffn.errors import FFNError
 from ffn.io.atomic import atomic_path
 from ffn.io.volumes import H5_SUFFIXES, Volume, parse_spec
-from secgan.normalization import check_volume_dtype, from_unit, to_unit
+from secgan.normalization import from_unit, to_unit
 
 _log = logging.getLogger("secgan.transfer")
 
@@ -138,15 +138,9 @@ class TiledTransfer:
       out[sl] = result
     return out
 
-  def volume(self, volume: Volume) -> np.ndarray:
-    """The whole volume transferred, uint8 [z, y, x] (holds it in memory: small volumes)."""
-    check_volume_dtype(str(volume.spec), volume.dtype)
-    check_volume_shape(volume)
-    unit = self.box(lambda s, n: read_reflected(volume, s, n), (0, 0, 0), volume.shape)
-    return from_unit(unit)
-
 
 def check_volume_shape(volume: Volume) -> None:
+  """Raises FFNError for a volume too thin to reflect (fewer than 2 voxels along an axis)."""
   if min(volume.shape) < 2:
     raise FFNError(f"{volume.spec}: volume of size {list(zyx_to_xyz(volume.shape))} (x,y,z): "
                    "reflection padding needs at least 2 voxels along every axis")

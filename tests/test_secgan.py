@@ -182,7 +182,10 @@ def test_losses_and_one_step_lowering_each_loss_on_a_fixed_batch(volumes, ffn_mo
   # so the discriminators' step losses are the losses above.
   nets = {"G": model.G, "F": model.F, "D_u": model.D_u, "D_l": model.D_l, "D_S": model.D_S}
   old = {k: [v.numpy() for v in n.trainable_variables] for k, n in nets.items()}
+  ffn_before = [v.numpy() for v in ffn_model.variables]
   step_losses, _ = model.train_step(real_l, real_u)
+  for v, value in zip(ffn_model.variables, ffn_before):  # the FFN is frozen
+    np.testing.assert_array_equal(v.numpy(), value)
   for k in ("G", "F", "D_u", "D_l", "D_S"):
     assert float(step_losses[k]) == pytest.approx(before[k], rel=1e-5)
   new = {k: [v.numpy() for v in n.trainable_variables] for k, n in nets.items()}
