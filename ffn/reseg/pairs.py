@@ -156,41 +156,44 @@ def block_contacts(labels: np.ndarray, write_lo_zyx: Sequence[int] = (0, 0, 0),
   del low, high
   contact = w_low < n
   single = contact & (w_low == w_high)
-  where = np.nonzero(single)
-  own = w_own[where].astype(np.int64)
-  other = w_low[where].astype(np.int64)
-  keys = [np.minimum(own, other) * n + np.maximum(own, other)]
-  flats = [np.ravel_multi_index(tuple(c.astype(np.int64) + int(o) for c, o in zip(where, lo)),
-                                tuple(shape))]
-  multi = np.stack(np.nonzero(contact & ~single), 1).astype(np.int64) + lo
+  own = w_own[single]
+  other = w_low[single]
+  keys = [np.minimum(own, other).astype(np.int64) * n + np.maximum(own, other)]
+  del own, other
+  coords = [np.stack([(c + int(o)).astype(np.int32) for c, o in zip(np.nonzero(single), lo)], 1)]
+  del single
+  multi = np.stack(np.nonzero(contact & (w_low != w_high)), 1).astype(np.int64) + lo
+  del contact, w_low, w_high
   if multi.size:
     own = dense[tuple(multi.T)].astype(np.int64)
-    flat_m = np.ravel_multi_index(tuple(multi.T), tuple(shape))
-    mk, mf = [], []
+    index = np.arange(len(multi), dtype=np.int64)
+    mk, mi = [], []
     for d in np.concatenate([offsets, -offsets]):
       q = multi + d
       ok = np.all((q >= 0) & (q < shape), axis=1)
-      nb = np.full(own.size, 0, np.int64)
+      nb = np.zeros(own.size, np.int64)
       nb[ok] = dense[tuple(q[ok].T)]
       hit = (nb != 0) & (nb != own)
       mk.append(np.minimum(own[hit], nb[hit]) * n + np.maximum(own[hit], nb[hit]))
-      mf.append(flat_m[hit])
-    mkey, mflat = np.concatenate(mk), np.concatenate(mf)
-    order = np.lexsort((mflat, mkey))
-    mkey, mflat = mkey[order], mflat[order]
+      mi.append(index[hit])
+    mkey, mindex = np.concatenate(mk), np.concatenate(mi)
+    order = np.lexsort((mindex, mkey))
+    mkey, mindex = mkey[order], mindex[order]
     first = np.ones(mkey.size, bool)
-    first[1:] = (mkey[1:] != mkey[:-1]) | (mflat[1:] != mflat[:-1])
+    first[1:] = (mkey[1:] != mkey[:-1]) | (mindex[1:] != mindex[:-1])
     keys.append(mkey[first])
-    flats.append(mflat[first])
+    coords.append(multi[mindex[first]].astype(np.int32))
   key = np.concatenate(keys)
-  flat = np.concatenate(flats)
+  del keys
   pair_keys = _sorted_unique(key)
   contact_pair = np.searchsorted(pair_keys, key)
+  del key
   face = np.concatenate(face_keys) if face_keys else np.zeros(0, np.int64)
   area = np.zeros(pair_keys.size, np.int64)
   if face.size:
     area = np.bincount(np.searchsorted(pair_keys, face), minlength=pair_keys.size).astype(np.int64)
-  zyx = (np.stack(np.unravel_index(flat, tuple(shape)), 1) + origin).astype(np.int32)
+  zyx = np.concatenate(coords)
+  zyx += origin.astype(np.int32)
   return BlockContacts(original[pair_keys // n], original[pair_keys % n], area,
                        contact_pair.astype(np.int64).reshape(-1), zyx.reshape(-1, 3), ids, sizes)
 
