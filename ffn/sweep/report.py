@@ -149,16 +149,19 @@ def summary_text(table: Sequence[dict[str, Any]], ranked: Sequence[dict[str, Any
 
 
 def write_plot(path: str, table: Sequence[dict[str, Any]], ranked: Sequence[dict[str, Any]]) -> None:
-  """``metrics.png``: one panel per metric, against training step (or checkpoint order when the
-  steps do not tell checkpoints apart); thin lines per box, a thick line for the mean over boxes,
-  the chosen checkpoint marked with a red star and a dashed line."""
+  """``metrics.png``: one panel per metric, against training step when the checkpoints are those
+  of one directory with distinct steps (else in ranking-table order of step, named by key); thin
+  lines per box, a thick line for the mean over boxes, the chosen checkpoint marked with a red
+  star and a dashed line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   keys = sorted({r["key"] for r in ranked}, key=lambda k: next(
       (r["step"] or 0, k) for r in ranked if r["key"] == k))
   steps = {r["key"]: r["step"] for r in ranked}
-  by_step = all(s is not None for s in steps.values()) and len(set(steps.values())) == len(steps)
+  one_run = len({os.path.dirname(r["checkpoint"]) for r in ranked}) == 1
+  by_step = (one_run and all(s is not None for s in steps.values())
+             and len(set(steps.values())) == len(steps))
   xs = {k: (steps[k] if by_step else i) for i, k in enumerate(keys)}
   panels = [c for c in PLOTTED if any(c in r["means"] for r in ranked)]
   n_cols = min(3, max(1, len(panels)))
