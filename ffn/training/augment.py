@@ -126,13 +126,14 @@ def elastic_field(rng: np.random.Generator, shape_zyx: Sequence[int], alpha: flo
   field = rng.standard_normal([2] + coarse)
   for c in range(2):
     field[c] = ndimage.gaussian_filter(field[c], sigma / step, mode="reflect", truncate=3.0)
+  field = field.astype(np.float32)
   for axis, n in enumerate(shape_zyx):  # linear interpolation, one axis at a time
     pos = np.arange(int(n)) / step
     lo = np.floor(pos).astype(np.int64)
-    frac = (pos - lo).reshape([-1 if a == axis + 1 else 1 for a in range(4)])
+    frac = (pos - lo).astype(np.float32).reshape([-1 if a == axis + 1 else 1 for a in range(4)])
     field = (1 - frac) * field.take(lo, axis=axis + 1) + frac * field.take(lo + 1, axis=axis + 1)
   peak = float(np.abs(field).max())
-  return (field * (alpha / peak if peak > 0 else 0.0)).astype(np.float32)
+  return field * np.float32(alpha / peak if peak > 0 else 0.0)
 
 
 def misalignment_shifts(rng: np.random.Generator, depth: int, prob: float,
@@ -181,13 +182,20 @@ def warp(image: np.ndarray, labels: np.ndarray, start_zyx: Sequence[int], size_z
   y0, x0 = np.floor(src_y), np.floor(src_x)
   fy, fx = (src_y - y0).astype(np.float32), (src_x - x0).astype(np.float32)
   y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-  rows = [_mirror(y0, cyy) * cxx, _mirror(y0 + 1, cyy) * cxx]
-  cols = [_mirror(x0, cxx), _mirror(x0 + 1, cxx)]
-  top = _lerp(flat_image.take(plane + rows[0] + cols[0]), flat_image.take(plane + rows[0] + cols[1]), fx)
-  bottom = _lerp(flat_image.take(plane + rows[1] + cols[0]), flat_image.take(plane + rows[1] + cols[1]), fx)
-  out_image = _lerp(top, bottom, fy)
+  if y0.min() >= 0 and y0.max() < cyy - 1 and x0.min() >= 0 and x0.max() < cxx - 1:
+    # Every neighbour inside the context (the usual case: margin_xy covers the warp).
+    i00 = plane + y0 * cxx + x0
+    corners = (i00, i00 + 1, i00 + cxx, i00 + (cxx + 1))
+  else:
+    rows = (_mirror(y0, cyy) * cxx, _mirror(y0 + 1, cyy) * cxx)
+    cols = (_mirror(x0, cxx), _mirror(x0 + 1, cxx))
+    corners = (plane + rows[0] + cols[0], plane + rows[0] + cols[1], plane + rows[1] + cols[0],
+               plane + rows[1] + cols[1])
+  v00, v01, v10, v11 = (flat_image.take(i) for i in corners)
+  out_image = _lerp(_lerp(v00, v01, fx), _lerp(v10, v11, fx), fy)
   # Nearest voxel: the upper neighbour where the fraction is at least one half.
-  near = plane + rows[1] * (fy >= 0.5) + rows[0] * (fy < 0.5) + np.where(fx >= 0.5, cols[1], cols[0])
+  up_y, up_x = fy >= 0.5, fx >= 0.5
+  near = np.where(up_y, np.where(up_x, corners[3], corners[2]), np.where(up_x, corners[1], corners[0]))
   return out_image, labels.reshape(-1).take(near)
 
 
