@@ -157,7 +157,8 @@ def test_pairs_cli_bad_input_one_line(tmp_path, capsys):
   with h5py.File(tmp_path / "f.h5", "w") as f:
     f["img"] = np.zeros((4, 4, 4), np.float32)
   out = tmp_path / "p.csv"
-  assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/f.h5:img", "--output", str(out)]) == 2
+  assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/f.h5:img",
+               "--output", str(out)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "f.h5:img" in err[0] and "float32" in err[0]
   assert main(["reseg", "pairs", "--segmentation", f"{tmp_path}/nothere.h5:seg",
@@ -286,7 +287,8 @@ def test_merge_table_neuclease_layout(tmp_path):
       "<u8", "<u8", "<u4", "<u4", "<u4", "<u4", "<u4", "<u4", "<f4"]
   assert table.tolist() == [(1, 2, 1, 2, 3, 2, 5, 6, 0.25)]
   ag.write_merge_table(table, str(tmp_path / "m.csv"), str(tmp_path / "m.npy"))
-  assert (tmp_path / "m.csv").read_text() == "id_a,id_b,xa,ya,za,xb,yb,zb,score\n1,2,1,2,3,2,5,6,0.25\n"
+  assert (tmp_path / "m.csv").read_text() == ("id_a,id_b,xa,ya,za,xb,yb,zb,score\n"
+                                              "1,2,1,2,3,2,5,6,0.25\n")
   assert np.load(tmp_path / "m.npy").tolist() == table.tolist()
 
 

@@ -177,7 +177,8 @@ def test_request_built_from_pairs_and_a_result_npz(volume, tmp_path):
     inference_options {{ init_activation: 0.95 pad_value: 0.05 move_threshold: 0.9
       segment_threshold: 0.6 }}""")
   args = argparse.Namespace(
-      resegmentation_request=None, pairs=str(tmp_path / "pairs.csv"), inference_request=str(inference),
+      resegmentation_request=None, pairs=str(tmp_path / "pairs.csv"),
+      inference_request=str(inference),
       output_directory=str(tmp_path / "out"), radius="8,8,8", exclusion_radius="1,1,1",
       init_exclusion_radius=None, analysis_radius="6,6,6", max_retry_iters=2,
       segment_recovery_fraction=0.5, terminate_early=True, subdir_digits=0,
@@ -227,7 +228,8 @@ def test_analyze_agglomerate_queue_cli(volume, tmp_path, capsys):
   assert summary["merges"] == 1 and summary["agglomerated_scores"]["vi_split"] < \
       summary["base_scores"]["vi_split"]
   assert main(["reseg", "agglomerate", "--affinities", aff, "--resegmentation_request",
-               str(tmp_path / "r"), "--output_dir", str(tmp_path / "kept"), "--preserve", "20"]) == 0
+               str(tmp_path / "r"), "--output_dir", str(tmp_path / "kept"),
+               "--preserve", "20"]) == 0
   assert (tmp_path / "kept" / "mapping.csv").read_text() == "sv,body\n10,10\n20,20\n30,30\n"
   assert main(["reseg", "queue", "--affinities", aff, "--output_dir", str(tmp_path / "q"),
                "--segmentation_source", "precomputed://http://h/seg", "--band", "0,1"]) == 0

@@ -98,7 +98,8 @@ def evaluate_pair(path: str, id_a: int, id_b: int, point_xyz: Sequence[int],
       qprob = np.asarray(data["probs"])
       dels, moves, starts = data["deletes"], data["histories"], data["start_points"]
   except Exception as e:  # noqa: BLE001 - any unreadable file is a row with its reason
-    return bad("unreadable", f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    first = str(e).splitlines()[0] if str(e) else ""
+    return bad("unreadable", f"{path}: {type(e).__name__}: {first}")
   if qprob.ndim != 4 or qprob.shape[0] != 2:
     return bad("incomplete", f"{qprob.shape[0] if qprob.ndim else 0} of 2 reconstructions "
                              "(a seed failed or terminate_early stopped)")

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -99,7 +98,8 @@ class PairsWorker(Worker):
     hi = lo + np.array(xyz_to_zyx(item.write_box.size))
     origin = np.array(xyz_to_zyx(item.read_box.start + np.array(self.corner_xyz)))
     os.makedirs(os.path.join(self.run_dir, "blocks"), exist_ok=True)
-    block_contacts(labels, lo, hi, origin, self.max_distance).save(block_path(self.run_dir, item.id))
+    contacts = block_contacts(labels, lo, hi, origin, self.max_distance)
+    contacts.save(block_path(self.run_dir, item.id))
 
 
 def run_pairs(args: argparse.Namespace) -> int:
@@ -149,7 +149,6 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 def _request_from_args(args: argparse.Namespace):
   """The ResegmentationRequest of ``run`` (a given one, or built from the pairs table)."""
-  from google.protobuf import text_format
   from ffn.inference import inference_pb2
   from ffn.inference.request import load_request
   from ffn.io.textproto import read_text_proto
@@ -394,7 +393,8 @@ def run_analyze(args: argparse.Namespace) -> int:
   counts: dict[str, int] = {}
   for r in rows:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
-  print(f"{len(rows)} pairs -> {args.output}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+  print(f"{len(rows)} pairs -> {args.output}: "
+        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
   if args.groundtruth:
     prefix = os.path.splitext(args.output)[0]
     rule = _groundtruth_report(rows, spec, args.groundtruth, prefix)
@@ -583,7 +583,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--segmentation", default=None, help="base segmentation (HDF5, image coords)")
   p.add_argument("--output_dir", required=True)
   p.add_argument("--output_volume", default=None,
-                 help="agglomerated volume path.h5:dataset (default: <output_dir>/agglomerated.h5:seg)")
+                 help="agglomerated volume path.h5:dataset "
+                      "(default: <output_dir>/agglomerated.h5:seg)")
   p.add_argument("--iou_threshold", type=float, default=0.8)
   p.add_argument("--consistency_threshold", type=float, default=0.6)
   p.add_argument("--deleted_threshold", type=float, default=0.02)
@@ -599,7 +600,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--affinities", required=True)
   p.add_argument("--output_dir", required=True)
   p.add_argument("--segmentation_source", required=True,
-                 help="Neuroglancer source of the base segmentation (e.g. precomputed://http://...)")
+                 help="Neuroglancer source of the base segmentation "
+                      "(e.g. precomputed://http://...)")
   p.add_argument("--image_source", default=None, help="Neuroglancer source of the image")
   p.add_argument("--band", default="0.4,0.9", help="score band 'low,high' (default: %(default)s)")
   p.add_argument("--center", type=float, default=0.8, help="rank by distance from this score")

@@ -102,7 +102,8 @@ def block_contacts(labels: np.ndarray, write_lo_zyx: Sequence[int] = (0, 0, 0),
   lo = np.array(write_lo_zyx, np.int64)
   hi = shape.copy() if write_hi_zyx is None else np.array(write_hi_zyx, np.int64)
   origin = np.array(origin_zyx, np.int64)
-  dense, remap = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=False)
+  dense, remap = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True,
+                                    in_place=False)
   n = int(dense.max()) + 1 if dense.size else 1
   original = np.zeros(n, np.uint64)
   for old, new in remap.items():
