@@ -8,11 +8,12 @@ reflection, :func:`ffn.training.examples.augment`). Every function takes its ran
 Geometric augmentations (image and labels together, one resampling pass, :func:`warp`):
 
 * **rotation** about the z axis through the patch centre voxel by an angle uniform in
-  ``[-rotation_max_deg, rotation_max_deg]``; the image is resampled trilinearly (in-plane
-  bilinearly: source positions keep their z), the labels by nearest neighbour;
+  ``[-rotation_max_deg, rotation_max_deg]``; the image is resampled bilinearly in y,x (source
+  positions keep their section), the labels by nearest neighbour;
 * **elastic deformation**: an in-plane (y,x) displacement field, white noise smoothed by a 3D
-  Gaussian of standard deviation ``elastic_sigma`` voxels and scaled so its largest component is
-  ``elastic_alpha`` voxels (``alpha`` is the largest displacement; larger ``sigma`` = smoother);
+  Gaussian of standard deviation ``elastic_sigma`` voxels (:func:`elastic_field`) and scaled so
+  its largest component is ``elastic_alpha`` voxels (``alpha`` is the largest displacement;
+  larger ``sigma`` = smoother);
 * **misalignment**: with probability ``misalign_prob`` per example a run of consecutive sections
   (start uniform in 1..z-1, length uniform to the end) is shifted in y and x by integers uniform in
   ``[-misalign_max_shift, misalign_max_shift]`` voxels.
