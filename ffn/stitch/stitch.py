@@ -60,6 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import ffn
+from ffn import labels as labellib
 from ffn.axes import BoundingBox, split_box, zyx_to_xyz
 from ffn.blockwise import WorkItem, Worker, check_manifest, run_array, status_lines
 from ffn.errors import FFNError
@@ -434,7 +435,6 @@ class ExtractWorker(_PhaseWorker):
     return self.chunk_file(int(item.id.split(":")[0])).exists()
 
   def process(self, item: WorkItem) -> None:
-    import fastremap
     self.start_memory()
     index = int(item.id.split(":")[0])
     box = self.tiling.chunk_box(index)
@@ -443,11 +443,11 @@ class ExtractWorker(_PhaseWorker):
       raise FFNError(f"chunk at {_name(box[0])} (x,y,z): labels have shape {labels.shape[::-1]}, "
                      f"the plan says {box[1][::-1]} (x,y,z)")
     labels = storage.reduce_id_bits(labels)
-    ids = fastremap.unique(labels)
+    ids = labellib.unique(labels)
     ids = ids[ids != 0].astype(np.uint64)
     owned_box = self.tiling.owned_box(index)
     owned = np.ascontiguousarray(labels[local_slices(owned_box, box)])
-    owned_ids, owned_counts = fastremap.unique(owned, return_counts=True)
+    owned_ids, owned_counts = labellib.unique(owned, return_counts=True)
     keep = owned_ids != 0
 
     def members():
