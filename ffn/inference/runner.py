@@ -29,6 +29,18 @@ from ffn.io.volumes import Volume, check_box_inside, check_dtype, read_label_box
 _log = logging.getLogger(__name__)
 
 
+def empty_reason(image: np.ndarray, mask: np.ndarray | None) -> str | None:
+  """Why a subvolume has nothing to segment, or None: every voxel masked (google's runner saves
+  nothing then), or a constant image (padding beyond the tissue, e.g. chunks of a large volume
+  outside the sample: google would still seed there, its peak finder seeing no edges, and run the
+  network on blank image). ``image``, ``mask``: z,y,x arrays of the box."""
+  if mask is not None and np.all(mask):
+    return "every voxel masked"
+  if image.size and float(image.max()) == float(image.min()):
+    return "constant image (no tissue)"
+  return None
+
+
 class Runner:
   """Segments subvolumes of the request's image with the request's model."""
 
@@ -52,6 +64,7 @@ class Runner:
       self.fov_size_zyx = xyz_to_zyx(fov_size_xyz)
       self.deltas_zyx = xyz_to_zyx(deltas_xyz)
     self._active_canvases: set[Canvas] = set()
+    self._reads: dict[tuple, tuple] = {}  # box -> its reads, from the empty check to make_canvas
     self._lock = threading.Lock()
     self.stop_requested = False
 
@@ -90,14 +103,11 @@ class Runner:
     runner's) let several canvases share one batching executor and keep their own counters.
     Safe to call from several threads at once: the runner's counters change only under its lock."""
     check_box_inside(box, self.volume_shape, self.image_spec)
+    with self._lock:
+      read = self._reads.pop(self._key(box), None)
+    loads, raw, image, mask = read or self._read(box)
     self.load_model()
-    loads = Counters()  # this canvas's load times; added to the runner's under its lock
-    with timer_counter(loads, "load-image"), Volume(self.image_spec) as vol:
-      raw = vol.read_box(box)
-    image = (raw.astype(np.float32) - np.float32(self.request.image_mean)) / np.float32(
-        self.request.image_stddev)
     corner = xyz_to_zyx(box.start)
-    mask = build_mask(self.request.masks, raw, "masks", corner)
     seed_mask = build_mask(self.request.seed_masks, raw, "seed_masks", corner)
     shift_mask = self._shift_mask(corner, image.shape, loads)
     _, _, cpoint = self.paths(box)
@@ -117,6 +127,47 @@ class Runner:
       self.counters.add(loads)
     canvas.stop_requested = self.stop_requested
     return canvas
+
+  @staticmethod
+  def _key(box: BoundingBox) -> tuple:
+    return tuple(box.start.tolist()) + tuple(box.size.tolist())
+
+  def _read(self, box: BoundingBox) -> tuple[Counters, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(load times, raw, normalised float32 image, restrictor mask) of ``box``, all z,y,x."""
+    loads = Counters()  # this canvas's load times; added to the runner's under its lock
+    with timer_counter(loads, "load-image"), Volume(self.image_spec) as vol:
+      raw = vol.read_box(box)
+    image = (raw.astype(np.float32) - np.float32(self.request.image_mean)) / np.float32(
+        self.request.image_stddev)
+    mask = build_mask(self.request.masks, raw, "masks", xyz_to_zyx(box.start))
+    return loads, raw, image, mask
+
+  def _save_if_empty(self, box: BoundingBox) -> bool:
+    """Saves an empty result for a box with nothing to segment (:func:`empty_reason`) without
+    loading the model or running the seed policy; True if it did. Otherwise the box's reads are
+    kept for :meth:`make_canvas`. Boxes starting from ``init_segmentation`` are never skipped."""
+    if self.request.HasField("init_segmentation"):
+      return False
+    read = self._read(box)
+    reason = empty_reason(read[2], read[3])
+    if reason is None:
+      with self._lock:
+        self._reads[self._key(box)] = read
+      return False
+    seg_path, prob_path, cpoint = self.paths(box)
+    counters = read[0]
+    counters.increment("empty-subvolumes")
+    shape = tuple(xyz_to_zyx(box.size))
+    storage.save_probability(np.zeros(shape, np.uint8), prob_path)
+    storage.save_subvolume(np.zeros(shape, np.int32), {}, seg_path,
+                           request=self.request.SerializeToString(), counters=counters.dumps(),
+                           overlaps={})
+    if os.path.exists(cpoint):
+      os.remove(cpoint)
+    with self._lock:
+      self.counters.add(counters)
+    _log.info("%s in %s: saved an empty result without running the network", reason, box)
+    return True
 
   def _shift_mask(self, corner_zyx, shape_zyx, counters: Counters) -> ShiftMask | None:
     """The request's shift mask for the box at ``corner_zyx`` (google's ``make_restrictor`` part,
@@ -155,6 +206,9 @@ class Runner:
     seg_path, prob_path, cpoint = self.paths(box)
     if self.is_done(box):
       _log.info("%s exists: subvolume already segmented, nothing to do", seg_path)
+      return seg_path
+    check_box_inside(box, self.volume_shape, self.image_spec)
+    if self._save_if_empty(box):
       return seg_path
     counters = Counters() if predict is not None else None
     canvas = self.make_canvas(box, predict=predict, counters=counters)
