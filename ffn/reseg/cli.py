@@ -35,7 +35,7 @@ from ffn.errors import FFNError
 
 _log = logging.getLogger(__name__)
 
-STEPS = ("pairs", "run", "analyze", "agglomerate", "queue")
+STEPS = ("pairs", "run", "analyze", "agglomerate", "queue", "post")
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -608,6 +608,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--limit", type=int, default=None, help="at most this many pairs")
   p.add_argument("--voxel_size_nm", default="1,1,1", help="x,y,z voxel size in nm for the viewer")
 
+  from ffn.dvid.cli import add_post_merges_arguments
+  p = sub.add_parser("post", help="post the agglomeration's merges to DVID (ffn dvid post-merges: "
+                                  "dry run unless --apply, idempotent, JSONL log)")
+  add_post_merges_arguments(p)
+
 
 def _array_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--chunks_per_task", type=int, default=1, help="blocks per array task")
@@ -616,6 +621,11 @@ def _array_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--retry_failed", action="store_true")
 
 
+def run_post(args: argparse.Namespace) -> int:
+  from ffn.dvid.cli import run_post_merges
+  return run_post_merges(args)
+
+
 def run(args: argparse.Namespace) -> int:
   return {"pairs": run_pairs, "run": run_run, "analyze": run_analyze,
-          "agglomerate": run_agglomerate, "queue": run_queue}[args.step](args)
+          "agglomerate": run_agglomerate, "queue": run_queue, "post": run_post}[args.step](args)
