@@ -39,6 +39,7 @@ def data(tmp_path_factory, sample_fib25) -> Path:
     f["vol4d"] = np.stack([raw, raw])
     f["small"] = stack[:20]
     f["bool"] = raw > 100
+    f["negative"] = -stack.astype(np.int64)  # ids below 0: garbage that would score "fine"
   (root / "corrupt.h5").write_bytes(np.random.default_rng(0).bytes(4096))
   (root / "coords.tfrecord.gz").write_bytes(b"\x1f\x8b\x08\x00" + np.random.default_rng(1).bytes(500))
   (root / "badckpt").mkdir()
@@ -50,6 +51,7 @@ def data(tmp_path_factory, sample_fib25) -> Path:
   import tifffile
   tifffile.imwrite(root / "rgb.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
   (root / "plain_file").write_text("x")
+  (root / "a_folder").mkdir()
   return root
 
 
@@ -152,6 +154,11 @@ CASES = [
     ("evaluate", "mismatched shapes", ["--segmentation", "{r}/result/0/0/seg-0_0_0.npz", "--groundtruth",
                                        "{r}/good.h5:small", "--output_json", "{r}/scores.json"],
      ["good.h5:small", "outside the volume of size [40, 40, 20]"]),
+    ("evaluate", "negative ground-truth ids", ["--segmentation", "{r}/good.h5:stack", "--groundtruth",
+                                               "{r}/good.h5:negative", "--output_json", "{r}/scores.json"],
+     ["good.h5:negative", "negative ids"]),
+    ("stats", "output is a directory", ["--input", "{r}/good.h5:raw", "--output", "{r}/a_folder"],
+     ["a_folder: is a directory"]),
     ("evaluate", "missing segmentation", ["--segmentation", "{r}/none.npz", "--groundtruth", "{r}/good.h5:stack"],
      ["none.npz: segmentation file not found"]),
     ("export", "unwritable output", ["--segmentation", "{r}/result/0/0/seg-0_0_0.npz", "--format", "h5",

@@ -164,6 +164,22 @@ def test_canvas_with_its_policies_is_freed_without_the_cyclic_gc():
     gc.enable()
 
 
+
+def test_finished_canvas_is_freed_without_the_cyclic_gc():
+  """After segment_all (its progress reporter included) the canvas is freed by reference
+  counting alone."""
+  gc.collect()
+  gc.disable()
+  try:
+    canvas = _canvas()
+    canvas.segment_all(seed_lib.make_policy("PolicyPeaks"))
+    assert canvas.segmentation.max() > 0
+    ref = weakref.ref(canvas)
+    del canvas
+    assert ref() is None
+  finally:
+    gc.enable()
+
 def test_stop_request_is_seen_during_peaks_set_up():
   canvas = _canvas()
   canvas.stop_requested = True  # as Runner.request_stop sets it on SIGTERM

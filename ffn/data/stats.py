@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from ffn.axes import BoundingBox, parse_xyz
-from ffn.io.atomic import write_text_atomic
+from ffn.io.atomic import check_output_file, write_text_atomic
 from ffn.errors import FFNError
 from ffn.io.volumes import Volume, check_box_inside
 from ffn.progress import Progress
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
       raise FFNError("--bounding_box_start needs --bounding_box_size")
     box = BoundingBox(parse_xyz(args.bounding_box_start or "0,0,0", "--bounding_box_start"),
                       parse_xyz(args.bounding_box_size, "--bounding_box_size"))
+  if args.output:
+    check_output_file(args.output)  # before the volume is read
   stats = compute_stats(args.input, box)
   if args.output:
     write_text_atomic(args.output, stats.to_json())

@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -515,7 +516,7 @@ class _SeedProgress:
 
   def __init__(self, canvas: Canvas, policy: BaseSeedPolicy, resumed_at: int = 0):
     """``resumed_at``: candidates already done before this run (restored from a checkpoint)."""
-    self.canvas, self.policy = canvas, policy
+    self.canvas, self.policy = weakref.proxy(canvas), policy  # no canvas <-> reporter cycle
     coords = np.asarray(policy.coords, dtype=np.int64).reshape(-1, 3)
     margin, shape = np.asarray(canvas.margin), np.asarray(canvas.shape)
     ok = np.all(coords - margin >= 0, axis=1) & np.all(coords + margin < shape, axis=1)

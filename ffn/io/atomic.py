@@ -62,6 +62,13 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
   return parent
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+  """:func:`check_writable_dir`, and ``path`` is not a directory (a file goes there)."""
+  if Path(path).is_dir():
+    raise FFNError(f"{path}: is a directory; give a file name")
+  return check_writable_dir(path)
+
+
 def _pid_namespace() -> int:
   """Inode of this process's pid namespace (0 where /proc does not tell): pids are only
   comparable within one namespace."""
@@ -196,9 +203,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
   On an exception the temporary file is removed and ``path`` is left untouched.
   """
-  parent = check_writable_dir(path)
-  _clean_once(parent)
+  parent = check_output_file(path)
   target = Path(path)
+  _clean_once(parent)
   while True:
     tmp = temp_name(target, suffix)
     try:

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     else:
       raise FFNError(f"{args.segmentation}: shape {list(seg.shape)} (z,y,x) matches neither the scored "
                      f"box {list(gt.shape)} nor the ground truth volume {list(gt_vol.shape)}")
+  for name, labels in ((args.segmentation, seg), (args.groundtruth, gt)):
+    if labels.dtype.kind == "i" and labels.size and int(labels.min()) < 0:
+      raise FFNError(f"{name}: negative ids (min {int(labels.min())}); labels must be >= 0")
   scores = evaluate(seg, gt)
   scores["bounding_box"] = {"start": box.start.tolist(), "size": box.size.tolist()}
   print(format_table(scores))
