@@ -215,15 +215,13 @@ def assemble(items: Sequence[WorkItem], worker: TransferWorker, shape_zyx: Seque
   chunks = tuple(min(64, s) for s in shape)
   if fmt == "h5":
     import h5py
-    from ffn.io.volumes import write_h5
-    if os.path.exists(path):  # keep the file's other datasets: the atomic copy-and-replace path
-      data = np.zeros(shape, np.uint8)
-      for item in items:
-        data[item.write_box.to_slices()] = np.load(worker.block_path(item))
-      write_h5(path, dataset, data, attrs)
-      return
     with atomic_path(path, suffix=".h5") as tmp:
-      with h5py.File(tmp, "w") as f:
+      exists = os.path.exists(path)
+      if exists:  # keep the file's other datasets (the copy is renamed over it)
+        shutil.copyfile(path, tmp)
+      with h5py.File(tmp, "a" if exists else "w") as f:
+        if dataset in f:
+          del f[dataset]
         ds = f.create_dataset(dataset, shape=shape, dtype=np.uint8, chunks=chunks,
                               compression="gzip")
         for item in items:

@@ -313,6 +313,11 @@ def test_cli_transfer_blockwise_resume_and_manifest(volumes, capsys):
     assert (b.stat().st_mtime_ns == mtimes[b.name]) == (b.name != blocks[3].name)
   with h5py.File(out, "r") as f:
     np.testing.assert_array_equal(f["raw"][...], result)
+  # Into another dataset of the same file: the first one is kept.
+  assert ffn_main(args[:7] + [f"{out}:again"] + args[8:] + ["--run_dir", str(run_dir)]) == 0
+  with h5py.File(out, "r") as f:
+    np.testing.assert_array_equal(f["again"][...], result)
+    np.testing.assert_array_equal(f["raw"][...], result)
   # Zarr output of the same run.
   zarr = volumes / "xfer.zarr"
   assert ffn_main(args[:7] + [f"zarr://{zarr}", "--run_dir", str(run_dir)] + args[8:]) == 0
