@@ -21,14 +21,14 @@ import tensorflow as tf
 
 import ffn.models
 from ffn.cli import main as ffn_main
+from ffn.io.volumes import Volume
 from secgan import losses
-from secgan.model import Secgan, SecganConfig
+from secgan.model import SecganConfig
 from secgan.networks import ConvDiscriminator, Generator, ResNetDiscriminator
 from secgan.normalization import SCALE, from_unit, to_unit, unit_to_ffn
 from secgan.pool import FakePool
 from secgan.train import FLAGS_FILE, SecganTrainer, read_config
 from secgan.transfer import TiledTransfer, load_generator, read_reflected, reflect_index
-from ffn.io.volumes import Volume
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 TINY_FFN_ARGS = {"depth": 1, "features": 4, "fov_size": [9, 9, 9], "deltas": [2, 2, 2]}
