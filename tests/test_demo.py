@@ -141,8 +141,8 @@ def test_readme_example_paths_exist(demo):
     assert (out / rel).exists(), f"demo_output/{rel}"
   repo_paths = re.findall(r"(?<![\w/])((?:sample_data|configs)/[\w./-]*\w)", readme)
   assert "configs/inference_training_sample2.pbtxt" in repo_paths
-  for rel in repo_paths:
-    assert (REPO / rel).exists(), rel
+  for rel in repo_paths:  # a file or folder, or a checkpoint prefix (model.ckpt-N: its .index)
+    assert (REPO / rel).exists() or (REPO / f"{rel}.index").exists(), rel
   segmentations = re.findall(r"`ffn (?:evaluate|export) --segmentation (\S+)", readme)
   assert len(segmentations) >= 3
   assert all(path.startswith("demo_output/") for path in segmentations), segmentations
