@@ -258,8 +258,13 @@ def test_killed_task_then_retry_failed_matches(tmp_path: Path, reference: Path, 
   assert expected in failed[0] and data["log"] in failed[0]
   x, y, z = (int(v) for v in current.split("_"))
   cpoint = Path(storage.checkpoint_path(str(out), (z, y, x)))
-  assert cpoint.exists() == (signum == signal.SIGTERM)  # SIGTERM saved the chunk's checkpoint
-  assert not Path(storage.segmentation_path(str(out), (z, y, x))).exists()
+  finished = Path(storage.segmentation_path(str(out), (z, y, x))).exists()
+  if signum == signal.SIGTERM:
+    # SIGTERM saved the chunk's checkpoint -- unless the chunk finished first (these chunks take
+    # 0.3-1.5 s, so the signal can land just after one; the next one had then not started)
+    assert cpoint.exists() or finished
+  else:
+    assert not cpoint.exists()  # SIGKILL: nothing saved
   # Without --retry_failed nothing is submitted; with it the run finishes.
   assert main(["batch_inference", "--inference_request", request, *COMMON,
                *_slurm_options(slurm_job_name)]) == 1

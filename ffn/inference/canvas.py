@@ -358,7 +358,12 @@ class Canvas:
       with timer_counter(self.counters, "segment_all"):
         while True:
           with timer_counter(self.counters, "seed-policy"):
-            pos = next(self.seed_policy, None)
+            try:
+              pos = next(self.seed_policy, None)
+            except InferenceInterrupted:  # stopped during the policy's set-up: save what there is
+              if self.checkpoint_path:  # (a policy without its points recomputes them on resume)
+                self.save_checkpoint(self.checkpoint_path, 0)
+              raise
           if progress is None and self.seed_policy.coords is not None:
             progress = self._progress = _SeedProgress(self, self.seed_policy, resumed_at)
           if progress is not None:
