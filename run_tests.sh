@@ -8,7 +8,7 @@
 #    otherwise those tests are skipped (or fail when CI is set: CI must run them),
 # 4. as root on Debian/Ubuntu, installs Chromium when missing (for tests/test_viewer.py, which opens
 #    exports in a real Neuroglancer; apt output goes to .venv/apt-chromium.log),
-# 5. runs pytest, passing the arguments through.
+# 5. runs pytest (listing the 30 slowest tests at the end), passing the arguments through.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -41,4 +41,4 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
   fi
 fi
 
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=30 "$@"
