@@ -1,0 +1,420 @@
+"""``--strategy async --async_input worker``: examples built on the workers, FOV moves in-graph.
+
+With ``--async_input coordinator`` (:class:`ffn.training.distributed.AsyncTrainer`) the
+coordinator builds every batch in Python and ships it to a worker (x, labels and back the logits:
+about 2.3 MB per step for batch 4 at a 33^3 FOV), blocking on each worker's previous result. Here
+the coordinator only schedules:
+
+* **Volumes on the workers.** Each worker holds every image and label volume in memory as one
+  flat float32 image and one flat int64 label tensor, the single element (repeated) of its
+  per-worker ``tf.data`` dataset (``ClusterCoordinator.create_per_worker_dataset``), read from
+  disk by the worker itself: an uncompressed, contiguous HDF5 dataset of a dtype ``tf.io.decode_raw``
+  reads is read in place; any other volume (gzip/chunked HDF5, TensorStore, slice stacks) is
+  written once by the coordinator as a raw copy into ``<train_dir>/worker_volumes/`` (named by a
+  hash of its spec, shape, dtype and file stamp; reused on resume), so the ``--train_dir`` that
+  every node must see already suffices.
+* **Scheduling.** The coordinator keeps the example stream of :class:`ExampleSource` by index:
+  per example it sends the box (flat corner and strides of its volume), the normalisation, the
+  axis permutation/reflection (the same per-index RNG ``(seed, 1, index)`` as the eager path) and
+  the move order (``(seed, 2, index)``), about 400 bytes per example, and keeps up to two calls in
+  flight per worker.
+* **In-graph FOV loop** (:meth:`InGraphFov.train_examples`). One scheduled call trains
+  ``batch_size`` whole examples on a worker: it gathers their patches, makes google's soft labels
+  (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
+  canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the ``fixed`` FOV
+  policy as a ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid
+  cross-entropy, each gradient element clipped to +/- ``max_gradient_entry_mag``, the optimizer's
+  update of the variables on the parameter servers, global step + 1; the logits are written into
+  the seed canvas, then every example takes the next of its moves (centre first, then the 26
+  +/- deltas shifts) whose seed voxel reaches ``logit(threshold)`` (google's ``fixed_offsets``,
+  read after the write-back).
+
+Semantics against ``ffn train``'s eager batches: an example whose policy has ended idles (weight
+0 in the loss, seed no longer written) until the last example of its call ends, where the eager
+batch refills that slot at once; with ``--batch_size 1`` the two give the same steps. A call stops
+early when it reaches its step budget (the coordinator hands out budgets so that training ends
+exactly at ``max_steps``). Not supported (an FFNError when the job is submitted): ``--fov_policy
+max_pred_moves`` and the EM augmentations beyond permutation/reflection.
+
+Data-stream position: ``examples_taken`` (in the checkpoint, as before) counts the stream
+positions handed out; a resumed run continues at that index, so the stream is the same one.
+Examples in flight at a checkpoint are not resumed (as with the eager path).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ffn.errors import FFNError
+from ffn.training.examples import fov_shifts, initial_seed, logit
+
+_log = logging.getLogger("ffn.training")
+
+# Numpy dtypes (little-endian) that tf.io.decode_raw reads.
+_DECODE = ("u1", "i1", "u2", "i2", "i4", "i8", "f2", "f4", "f8", "u4", "u8")
+# Augmentation flags the in-graph path cannot apply (only permutation/reflection are in-graph).
+_UNSUPPORTED_AUGMENT = ("rotation_max_deg", "elastic_alpha", "misalign_prob", "missing_section_prob",
+                        "blur_section_prob", "brightness", "contrast", "gamma", "noise_stddev")
+CACHE_DIR = "worker_volumes"
+
+
+def check_config(cfg) -> None:
+  """Raises FFNError when a :class:`~ffn.training.trainer.TrainConfig` needs what the worker-side
+  input does not do (see the module docstring)."""
+  if cfg.fov_policy != "fixed":
+    raise FFNError(f"--async_input worker runs the 'fixed' FOV policy in-graph; --fov_policy "
+                   f"{cfg.fov_policy} needs --async_input coordinator")
+  used = [f"--{name}" for name in _UNSUPPORTED_AUGMENT if getattr(cfg, name)]
+  if used:
+    raise FFNError(f"--async_input worker applies only the axis permutation/reflection in-graph; "
+                   f"{', '.join(used)} need --async_input coordinator")
+
+
+@dataclasses.dataclass(frozen=True)
+class RawVolume:
+  """A z,y,x volume stored as raw little-endian bytes at ``offset`` in ``path``."""
+  path: str
+  offset: int  # bytes
+  shape: tuple[int, int, int]  # z,y,x
+  dtype: str  # numpy dtype string, e.g. "<u1"
+  file_size: int  # bytes
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _in_place(spec) -> RawVolume | None:
+  """The raw view of an uncompressed contiguous 3D HDF5 dataset in a decodable dtype, else None."""
+  import h5py
+  if spec.scheme is not None or spec.dataset is None or spec.channel is not None:
+    return None
+  with h5py.File(spec.path, "r") as f:
+    ds = f[spec.dataset]
+    offset, kind = ds.id.get_offset(), ds.dtype.str
+    if (ds.chunks is not None or ds.compression is not None or offset is None or ds.ndim != 3
+        or kind[0] not in "<|" or kind[1:] not in _DECODE):
+      return None
+    return RawVolume(os.path.abspath(spec.path), int(offset), tuple(int(s) for s in ds.shape),
+                     "<" + kind[1:], os.path.getsize(spec.path))
+
+
+def _cached(spec, array: np.ndarray, kind: str, cache_dir: str) -> RawVolume:
+  """A raw copy of ``array`` (images as float32, labels as int64) in ``cache_dir``, written once."""
+  from ffn.io.atomic import atomic_path
+  dtype = np.dtype("<f4") if kind == "image" else np.dtype("<i8")
+  stamp = ""
+  if os.path.exists(spec.path):
+    st = os.stat(spec.path)
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+  key = hashlib.sha1(f"{spec}|{array.shape}|{array.dtype}|{stamp}".encode()).hexdigest()[:16]
+  path = os.path.join(cache_dir, f"{kind}-{key}.raw")
+  nbytes = int(np.prod(array.shape)) * dtype.itemsize
+  if not (os.path.exists(path) and os.path.getsize(path) == nbytes):
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_path(path) as tmp:
+      # uint64 labels keep their identity as int64 bit patterns (only equality is used).
+      data = array.view(np.int64) if array.dtype == np.uint64 else array
+      np.ascontiguousarray(data, dtype=dtype).tofile(tmp)
+    _log.info("worker input: %s copied raw to %s", spec, path)
+  return RawVolume(path, 0, tuple(int(s) for s in array.shape), dtype.str, nbytes)
+
+
+class WorkerVolumes:
+  """Every volume of an :class:`ExampleSource` as raw files the workers read (module docstring)."""
+
+  def __init__(self, source, cache_dir: str):
+    self.names = list(source.images)
+    self.images: list[RawVolume] = []
+    self.labels: list[RawVolume] = []
+    for name in self.names:
+      for kind, src, out in (("image", source.images[name], self.images),
+                             ("labels", source.labels[name], self.labels)):
+        raw = _in_place(src.volume.spec)
+        if raw is None:
+          array = src.array if src.array is not None else src.volume.read_all()
+          raw = _cached(src.volume.spec, array, kind, cache_dir)
+        out.append(raw)
+    sizes = [int(np.prod(v.shape)) for v in self.images]
+    self.bases = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist()))
+    self.shapes = {n: v.shape for n, v in zip(self.names, self.images)}
+
+  def dataset(self):
+    """The per-worker dataset: one element (flat float32 image, flat int64 labels), repeated."""
+    import tensorflow as tf
+
+    def read(v: RawVolume, out_dtype) -> tf.Tensor:
+      records = tf.data.FixedLengthRecordDataset(
+          v.path, record_bytes=v.nbytes, header_bytes=v.offset,
+          footer_bytes=v.file_size - v.offset - v.nbytes)
+      raw = tf.io.decode_raw(records.get_single_element(), tf.as_dtype(np.dtype(v.dtype)))
+      return tf.cast(raw, out_dtype)
+
+    image = tf.concat([read(v, tf.float32) for v in self.images], 0)
+    labels = tf.concat([read(v, tf.int64) for v in self.labels], 0)
+    return tf.data.Dataset.from_tensors((image, labels)).repeat()
+
+
+def augment_params(rng: np.random.Generator, permutable_axes: Sequence[int],
+                   reflectable_axes: Sequence[int]) -> tuple[list[int], list[bool]]:
+  """(transpose permutation, flip per axis z,y,x) drawn exactly as
+  :func:`ffn.training.examples.augment` draws them from ``rng``."""
+  perm = list(range(3))
+  if len(permutable_axes) > 1:
+    shuffled = rng.permutation(list(permutable_axes))
+    for src, dst in zip(permutable_axes, shuffled):
+      perm[src] = int(dst)
+  flips = [False] * 3
+  for a in reflectable_axes:
+    if rng.random() > 0.5:
+      flips[a] = True
+  return perm, flips
+
+
+class Planner:
+  """The coordinator's side: stream indices -> the small per-example arguments of a call."""
+
+  def __init__(self, source, volumes: WorkerVolumes, batch_size: int, deltas_xyz: Sequence[int],
+               shuffle_moves: bool):
+    self.source, self.volumes, self.batch_size = source, volumes, batch_size
+    self.shifts = np.array([(0, 0, 0)] + fov_shifts(deltas_xyz), np.int64)  # x,y,z
+    self.shuffle_moves = shuffle_moves
+
+  def moves_zyx(self, index: int) -> np.ndarray:
+    """[27, 3] FOV offsets (z,y,x) of example ``index``: the centre, then the shifts."""
+    order = self.shifts.copy()
+    if self.shuffle_moves:
+      np.random.default_rng([self.source.seed, 2, int(index)]).shuffle(order[1:])
+    return order[:, ::-1].astype(np.int32)
+
+  def plan(self, first: int) -> dict[str, np.ndarray]:
+    """Arguments of :meth:`InGraphFov.train_examples` for stream positions first..first+b-1."""
+    src, vols = self.source, self.volumes
+    rows = [src.coordinate(i) for i in range(first, first + self.batch_size)]
+    out: dict[str, list] = collections.defaultdict(list)
+    for index, row in zip(range(first, first + self.batch_size), rows):
+      name = src.names[row]
+      _, sy, sx = vols.shapes[name]
+      x0, y0, z0 = (int(v) for v in src.starts_xyz[row])
+      out["flat_start"].append(vols.bases[name] + (z0 * sy + y0) * sx + x0)
+      out["strides"].append((sy * sx, sx, 1))
+      perm, flips = augment_params(np.random.default_rng([src.seed, 1, index]),
+                                   src.permutable_axes, src.reflectable_axes)
+      out["perm"].append(perm)
+      out["flips"].append(flips)
+      out["offset_scale"].append(src.offset_scale[name])
+      out["moves"].append(self.moves_zyx(index))
+    return {"flat_start": np.array(out["flat_start"], np.int64),
+            "strides": np.array(out["strides"], np.int64),
+            "perm": np.array(out["perm"], np.int32), "flips": np.array(out["flips"], bool),
+            "offset_scale": np.array(out["offset_scale"], np.float32),
+            "moves": np.stack(out["moves"])}
+
+
+class InGraphFov:
+  """The worker's side: ``train_examples`` as one ``tf.function`` (see the module docstring)."""
+
+  def __init__(self, trainer, patch_zyx: Sequence[int]):
+    import tensorflow as tf
+    self.trainer, self.cfg = trainer, trainer.cfg
+    self.patch = tuple(int(s) for s in patch_zyx)
+    self.fov = tuple(int(s) for s in trainer.fov_zyx)
+    perm_axes = list(self.cfg.permutable_axes)
+    if len({self.patch[a] for a in perm_axes}) > 1:
+      raise FFNError(f"--permutable_axes {perm_axes}: the example patch {self.patch} (z,y,x) differs "
+                     f"in size along them")
+    self.seed0 = np.broadcast_to(initial_seed(self.patch, pad=self.cfg.seed_pad),
+                                 (self.cfg.batch_size,) + self.patch).copy()
+    self.train_examples = tf.function(self._call)
+
+  def examples(self, image_flat, label_flat, flat_start, strides, perm, flips, offset_scale):
+    """(image [b,z,y,x] normalised, soft labels [b,z,y,x]) float32, as ExampleSource.example."""
+    import tensorflow as tf
+    pz, py, px = self.patch
+    grid = (tf.range(pz, dtype=tf.int64)[:, None, None, None],
+            tf.range(py, dtype=tf.int64)[None, :, None, None],
+            tf.range(px, dtype=tf.int64)[None, None, :, None])
+    s = tf.transpose(strides)  # [3, b]
+    idx = tf.transpose(flat_start + grid[0] * s[0] + grid[1] * s[1] + grid[2] * s[2], [3, 0, 1, 2])
+    image = tf.gather(image_flat, idx)
+    image = ((image - offset_scale[:, 0, None, None, None])
+             / offset_scale[:, 1, None, None, None])
+    labels = tf.gather(label_flat, idx)
+    centre = labels[:, pz // 2, py // 2, px // 2, None, None, None]
+    soft = tf.where((labels == centre) & (labels > 0), tf.constant(0.95, tf.float32),
+                    tf.constant(0.05, tf.float32))
+    images, softs = [], []
+    for i in range(self.cfg.batch_size):
+      a, lab = tf.transpose(image[i], perm[i]), tf.transpose(soft[i], perm[i])
+      for axis in range(3):
+        a = tf.where(flips[i, axis], tf.reverse(a, [axis]), a)
+        lab = tf.where(flips[i, axis], tf.reverse(lab, [axis]), lab)
+      a.set_shape(self.patch)
+      lab.set_shape(self.patch)
+      images.append(a)
+      softs.append(lab)
+    return tf.stack(images), tf.stack(softs)
+
+  def _step(self, x, labels, weights):
+    """One training step on the active examples (``weights`` 1/0); returns (logits, loss)."""
+    import tensorflow as tf
+    t = self.trainer
+    with tf.GradientTape() as tape:
+      logits = t.model(x, compute_dtype=tf.as_dtype(self.cfg.compute_dtype))
+      xent = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+      per_example = tf.reduce_mean(xent, axis=[1, 2, 3, 4])
+      loss = tf.reduce_sum(per_example * weights) / tf.reduce_sum(weights)
+    grads = tape.gradient(loss, t.variables)
+    clip = self.cfg.max_gradient_entry_mag
+    if clip > 0:
+      grads = [tf.clip_by_value(g, -clip, clip) for g in grads]
+    t.optimizer.apply(grads, t.variables)
+    t.step.assign_add(1)
+    return logits, loss
+
+  def _call(self, iterator, flat_start, strides, perm, flips, offset_scale, moves, budget):
+    image_flat, label_flat = next(iterator)
+    return self.trainer.strategy.run(
+        self._loop, args=(image_flat, label_flat, flat_start, strides, perm, flips, offset_scale,
+                          moves, budget))
+
+  def _loop(self, image_flat, label_flat, flat_start, strides, perm, flips, offset_scale, moves,
+            budget):
+    """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
+    import tensorflow as tf
+    b, k = self.cfg.batch_size, moves.shape[1]
+    image, soft = self.examples(image_flat, label_flat, flat_start, strides, perm, flips,
+                                offset_scale)
+    half = tf.constant([s // 2 for s in self.patch], tf.int32)
+    fov_half = tf.constant([f // 2 for f in self.fov], tf.int32)
+    threshold = tf.constant(logit(self.cfg.threshold), tf.float32)
+    slot = tf.broadcast_to(tf.range(b)[:, None, None], [b, k, 1])
+    probe = tf.concat([slot, half + moves], axis=-1)  # [b, k, 4]: voxel each move is judged at
+
+    def choose(seed, ptr):
+      """Next move of each example: the first at index >= ptr whose voxel reaches threshold."""
+      ok = (tf.range(k)[None, :] >= ptr[:, None]) & (tf.gather_nd(seed, probe) >= threshold)
+      active = tf.reduce_any(ok, axis=1)
+      first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+      return first, active, tf.where(active, first + 1, k)
+
+    def body(n, seed, move, active, ptr, loss_sum, visits):
+      start = half + tf.gather(moves, move, batch_dims=1) - fov_half  # [b, 3]
+      xs, ys = [], []
+      for i in range(b):
+        xs.append(tf.stack([tf.slice(image[i], start[i], self.fov),
+                            tf.slice(seed[i], start[i], self.fov)], axis=-1))
+        ys.append(tf.slice(soft[i], start[i], self.fov)[..., None])
+      weights = tf.cast(active, tf.float32)
+      logits, loss = self._step(tf.stack(xs), tf.stack(ys), weights)
+      updated = []
+      for i in range(b):
+        pad = tf.stack([start[i], tf.constant(self.patch, tf.int32) - start[i] - self.fov], axis=1)
+        box = tf.pad(tf.ones(self.fov, tf.bool), pad) & active[i]
+        updated.append(tf.where(box, tf.pad(logits[i, ..., 0], pad), seed[i]))
+      seed = tf.stack(updated)
+      move, active_next, ptr = choose(seed, ptr)
+      return (n + 1, seed, move, active_next, ptr, loss_sum + loss,
+              visits + tf.cast(active, tf.int32))
+
+    seed = tf.constant(self.seed0)
+    move, active, ptr = choose(seed, tf.zeros([b], tf.int32))
+    n, _, _, _, _, loss_sum, visits = tf.while_loop(
+        lambda n, seed, move, active, ptr, loss_sum, visits: (n < budget) & tf.reduce_any(active),
+        body, (tf.constant(0, tf.int64), seed, move, active, ptr, tf.constant(0.0, tf.float32),
+               tf.zeros([b], tf.int32)))
+    return n, loss_sum / tf.cast(tf.maximum(n, 1), tf.float32), visits
+
+
+class WorkerInputTrainer:
+  """The coordinator's loop for ``--async_input worker`` (see the module docstring)."""
+
+  def __init__(self, trainer, coordinator, num_workers: int, in_flight_per_worker: int = 2):
+    """``trainer``: a restored :class:`~ffn.training.trainer.Trainer` under the
+    ParameterServerStrategy of ``coordinator`` (a ``ClusterCoordinator``); its source attached."""
+    check_config(trainer.cfg)
+    self.trainer, self.coordinator, self.num_workers = trainer, coordinator, num_workers
+    self.depth = in_flight_per_worker * num_workers
+    source = trainer.source
+    self.volumes = WorkerVolumes(source, os.path.join(trainer.cfg.train_dir, CACHE_DIR))
+    self.planner = Planner(source, self.volumes, trainer.cfg.batch_size, trainer.model.deltas,
+                           trainer.cfg.shuffle_moves)
+    self.fov = InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
+
+  def run(self) -> int:
+    """Trains to exactly ``max_steps``; 0, or 3 after SIGTERM (checkpoint saved)."""
+    import signal
+    import tensorflow as tf
+    from ffn.training.trainer import EXIT_PREEMPTED, _scalar
+    trainer, cfg = self.trainer, self.trainer.cfg
+    handlers = {s: signal.signal(s, trainer._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    writer = tf.summary.create_file_writer(cfg.train_dir)
+    iterator = iter(self.coordinator.create_per_worker_dataset(self.volumes.dataset))
+    next_index = int(trainer.examples_taken.numpy())
+    step0 = finished = int(trainer.step.numpy())
+    _log.info("worker input: %d volume(s) on each worker, stream from example %d, step %d",
+              len(self.volumes.names), next_index, step0)
+    cap = len(self.planner.shifts)
+    in_flight: collections.deque = collections.deque()
+    reserved, losses, steps_logged = 0, [], 0
+    t_start = t_log = t_ckpt = time.monotonic()
+    status = 0
+
+    def save() -> None:
+      trainer.examples_taken.assign(next_index)
+      trainer.save()
+
+    try:
+      while True:
+        while (not trainer._stop and len(in_flight) < self.depth
+               and finished + reserved < cfg.max_steps):
+          budget = min(cap, cfg.max_steps - finished - reserved)
+          args = [tf.constant(v) for v in self.planner.plan(next_index).values()]
+          next_index += cfg.batch_size
+          in_flight.append((self.coordinator.schedule(
+              self.fov.train_examples, args=(iterator, *args, tf.constant(budget, tf.int64))), budget))
+          reserved += budget
+        if not in_flight:
+          break
+        remote, budget = in_flight.popleft()
+        steps, loss, _ = remote.fetch()
+        reserved -= budget
+        finished += int(steps)
+        steps_logged += int(steps)
+        losses.append((float(loss), int(steps)))
+        now = time.monotonic()
+        if now - t_log >= cfg.summary_rate_secs or steps_logged >= cfg.log_every:
+          rate = steps_logged / max(now - t_log, 1e-9)
+          mean = sum(l * s for l, s in losses) / max(sum(s for _, s in losses), 1)
+          _log.info("step %d/%d loss %.4f  %.2f steps/s (%d workers, worker input)", finished,
+                    cfg.max_steps, mean, rate, self.num_workers)
+          with writer.as_default(step=finished):
+            _scalar("pixel_loss", mean)
+            _scalar("steps_per_second", rate)
+          writer.flush()
+          losses, steps_logged, t_log = [], 0, now
+        if trainer._stop:
+          continue  # no new calls; the loop ends when the last one is back
+        if trainer._save_now or now - t_ckpt >= cfg.checkpoint_interval_s:
+          save()
+          trainer._save_now, t_ckpt = False, now
+      self.coordinator.join()
+      save()
+      status = EXIT_PREEMPTED if trainer._stop and finished < cfg.max_steps else 0
+      _log.info("coordinator done: step %d, %d examples taken, %.2f steps/s overall",
+                int(trainer.step.numpy()), next_index,
+                (finished - step0) / max(time.monotonic() - t_start, 1e-9))
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+      writer.close()
+    return status
+
