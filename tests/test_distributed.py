@@ -184,6 +184,13 @@ def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
       "ffn slurm_train: error: 2 tasks need --cluster slurm: they find each other through tf.distribute's "
       "SlurmClusterResolver, which reads the Slurm job step; the local cluster runs one task "
       "(--tasks_per_node 1)")
+  proc = _slurm_train(_flags(crop_data, tmp_path / "run2", 5, "--strategy", "async", "--tasks_per_node",
+                             "4", "--async_input", "worker", "--fov_policy", "max_pred_moves"))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "ffn slurm_train: error: --async_input worker runs the 'fixed' FOV policy in-graph; "
+      "--fov_policy max_pred_moves needs --async_input coordinator")
+  assert not (tmp_path / "run2").exists()  # refused before anything is written
 
 
 @pytest.mark.slurm
@@ -232,7 +239,8 @@ def test_sync_two_tasks(crop_data, slurm_job_name, tmp_path):
 @pytest.mark.slurm
 def test_async_parameter_server(crop_data, slurm_job_name, tmp_path):
   """Coordinator + 1 parameter server + 2 workers: 4 tasks of one Slurm job (the local test
-  cluster offers 4 CPUs on a 2-core machine, see scripts/start-local-slurm.sh)."""
+  cluster offers 4 CPUs on a 2-core machine, see scripts/start-local-slurm.sh); then resumed
+  with --async_input worker."""
   require_fit(_options(4))
   train_dir = tmp_path / "run"
   proc = _slurm_train(_flags(crop_data, train_dir, 40, "--tasks_per_node", "4", "--strategy", "async",
@@ -252,6 +260,25 @@ def test_async_parameter_server(crop_data, slurm_job_name, tmp_path):
   assert "2 replicas: batch 2 per replica, global batch 4" in logs[0]
   assert tf.train.latest_checkpoint(str(train_dir)).endswith("model.ckpt-40")
   import ffn.models
+  ffn.models.load(str(train_dir))
+  # The same run resumed with the input on the workers (ffn/training/worker_input.py): from the
+  # coordinator path's checkpoint, at its step and stream position, to exactly --max_steps.
+  taken = int(tf.train.load_checkpoint(str(train_dir / "model.ckpt-40")).get_tensor(
+      "examples_taken/.ATTRIBUTES/VARIABLE_VALUE"))
+  proc = _slurm_train(_flags(crop_data, train_dir, 70, "--tasks_per_node", "4", "--strategy", "async",
+                             "--num_ps", "1", "--async_input", "worker", "--wait"),
+                      job_name=slurm_job_name)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  log = _task_logs(train_dir, _job_id(proc.stdout))[0]
+  assert "at step 40" in log and f"stream from example {taken}, step 40" in log, log
+  losses = [float(v) for v in re.findall(r"step \d+/70 loss ([\d.]+) .* worker input\)", log)]
+  assert losses and all(np.isfinite(losses)), log
+  assert "coordinator done: step 70" in log, log
+  reader = tf.train.load_checkpoint(str(train_dir / "model.ckpt-70"))
+  assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 70
+  # Each call trains 2 new examples for 1..27 steps: 30 steps took 2 to 60 of them.
+  assert 2 <= reader.get_tensor("examples_taken/.ATTRIBUTES/VARIABLE_VALUE") - taken <= 60
+  assert (reader.get_tensor("examples_taken/.ATTRIBUTES/VARIABLE_VALUE") - taken) % 2 == 0
   ffn.models.load(str(train_dir))
 
 

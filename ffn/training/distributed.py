@@ -20,7 +20,9 @@ is warned about, or refused with ``--strict`` or ``--wait``. Every task of the j
   one); the parameter servers and workers are ``tf.distribute.Server``s. The example stream
   (Python, h5py) runs on the coordinator, which keeps one set of batch slots per worker and
   schedules their steps with a ``ClusterCoordinator``: each worker applies its own updates to the
-  variables on the parameter servers without waiting for the others.
+  variables on the parameter servers without waiting for the others. With ``--async_input
+  worker`` (:mod:`ffn.training.worker_input`) the workers hold the volumes and run the FOV moves
+  of their examples in-graph; the coordinator only hands out stream positions and step budgets.
 
 Batch size: ``--batch_size`` is per replica; the global batch is ``batch_size x replicas``
 (replicas: all devices of all tasks for sync, the workers for async). ``--scale_lr_with_replicas``
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("ffn.training")
 
 STRATEGIES = ("sync", "async")
+ASYNC_INPUTS = ("coordinator", "worker")
 # Short flag -> the slurm.executor flag it stands for.
 ALIASES = {"nodes": "slurm_nodes", "tasks_per_node": "slurm_tasks_per_node",
            "gpus_per_node": "slurm_gpus_per_node", "cpus_per_task": "slurm_cpus_per_task",
@@ -108,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default: %(default)s)")
   group.add_argument("--num_ps", type=int, default=1,
                      help="parameter-server tasks for --strategy async (default: %(default)s)")
+  group.add_argument("--async_input", choices=ASYNC_INPUTS, default="coordinator",
+                     help="--strategy async: where examples are built: coordinator (Python, "
+                          "shipped per step) or worker (each worker's own tf.data input, FOV "
+                          "moves in-graph; fixed FOV policy only; default: %(default)s)")
   group.add_argument("--scale_lr_with_replicas", action="store_true",
                      help="multiply --learning_rate by the number of replicas")
   group.add_argument("--port_base", type=int, default=None,
@@ -129,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
                    f"parameter servers, >= 1 worker); got --num_ps {args.num_ps} and {tasks} tasks")
   if args.port_base is not None and not 1024 <= args.port_base <= 65535 - options.tasks_per_node:
     raise FFNError(f"--port_base must be in 1024..{65535 - options.tasks_per_node}, got {args.port_base}")
+  if args.async_input == "worker":
+    from ffn.training.worker_input import check_config
+    if args.strategy != "async":
+      raise FFNError("--async_input worker needs --strategy async")
+    check_config(args)  # the flags have the config's names
   options.strict = options.strict or args.wait
   # First the request against `sinfo` (before the config, which imports TensorFlow).
   executor = make_executor(options, os.path.abspath(args.train_dir))
@@ -143,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     # Slurm's own SIGTERM at the time limit comes after submitit's USR2; make the gap explicit.
     executor.update_parameters(slurm_signal_delay_s=90)
   training = DistributedTraining(dataclasses.asdict(cfg), args.strategy, args.num_ps,
-                                 args.scale_lr_with_replicas, args.port_base)
+                                 args.scale_lr_with_replicas, args.port_base, args.async_input)
   try:
     job = executor.submit(training)
   except submitit.core.utils.FailedJobError as e:
@@ -223,16 +235,21 @@ class DistributedTraining(submitit.helpers.Checkpointable):
   """What every task of a ``slurm_train`` job runs; requeued (same arguments) on preemption."""
 
   def __init__(self, config: dict[str, Any], strategy: str = "sync", num_ps: int = 1,
-               scale_lr_with_replicas: bool = False, port_base: int | None = None):
+               scale_lr_with_replicas: bool = False, port_base: int | None = None,
+               async_input: str = "coordinator"):
     if strategy not in STRATEGIES:
       raise FFNError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if async_input not in ASYNC_INPUTS:
+      raise FFNError(f"--async_input {async_input!r}: expected one of {', '.join(ASYNC_INPUTS)}")
     self.config, self.strategy, self.num_ps = dict(config), strategy, num_ps
     self.scale_lr_with_replicas, self.port_base = scale_lr_with_replicas, port_base
+    self.async_input = async_input
     self._trainer = None
+    self._loop = None  # the WorkerInputTrainer of a worker-input coordinator
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
-    state["_trainer"] = None  # the live trainer stays in this process
+    state["_trainer"] = state["_loop"] = None  # the live trainer stays in this process
     return state
 
   def __call__(self) -> int:
@@ -263,7 +280,9 @@ class DistributedTraining(submitit.helpers.Checkpointable):
   def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
     """Called by submitit on task 0 at preemption/time-out: saves, then resubmits ``self``."""
     trainer = self._trainer
-    if trainer is not None and trainer.is_chief:
+    if self._loop is not None:
+      self._loop.save()  # with the stream position the coordinator holds
+    elif trainer is not None and trainer.is_chief:
       trainer.save()
     return super().checkpoint(*args, **kwargs)
 
@@ -278,17 +297,21 @@ class DistributedTraining(submitit.helpers.Checkpointable):
               cfg.batch_size, cfg.batch_size * replicas, cfg.learning_rate)
     return cfg
 
+  def _make_trainer(self, cfg, strategy, worker: int = 0, num_workers: int = 1):
+    """The :class:`~ffn.training.trainer.Trainer` of a task (benchmarks override it)."""
+    from ffn.training.trainer import Trainer
+    return Trainer(cfg, strategy, worker=worker, num_workers=num_workers)
+
   def _run_sync(self, env: submitit.JobEnvironment, resolver: SlurmClusterResolver | None) -> int:
     """``resolver``: a :func:`slurm_resolver` with one ``worker`` job, or None for one task."""
     import tensorflow as tf
-    from ffn.training.trainer import Trainer
     if resolver is None:
       strategy, worker = tf.distribute.MirroredStrategy(), 0
     else:
       strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
       worker = resolver.task_id
     cfg = self._config(strategy.num_replicas_in_sync)
-    trainer = self._trainer = Trainer(cfg, strategy, worker=worker, num_workers=env.num_tasks)
+    trainer = self._trainer = self._make_trainer(cfg, strategy, worker, env.num_tasks)
     try:
       trainer.restore_or_init()
       if trainer.is_chief:
@@ -315,23 +338,28 @@ class DistributedTraining(submitit.helpers.Checkpointable):
       return 0
     try:
       strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
-      return AsyncTrainer(self, strategy, len(resolver.cluster_spec().job_tasks("worker"))).run()
+      coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+      num_workers = len(resolver.cluster_spec().job_tasks("worker"))
+      trainer = self._trainer = self._make_trainer(self._config(num_workers), strategy)
+      trainer.restore_or_init()
+      trainer.write_flags()
+      trainer.attach_data(trainer.make_source())
+      if self.async_input == "worker":
+        from ffn.training.worker_input import WorkerInputTrainer
+        self._loop = WorkerInputTrainer(trainer, coordinator, num_workers)
+        return self._loop.run()
+      return AsyncTrainer(trainer, coordinator, num_workers).run()
     finally:
       done_file.write_text("done\n")
 
 
 class AsyncTrainer:
-  """The coordinator's loop for ``--strategy async`` (see the module docstring)."""
+  """The coordinator's loop for ``--strategy async --async_input coordinator`` (module docstring)."""
 
-  def __init__(self, owner: DistributedTraining, strategy, num_workers: int):
-    import tensorflow as tf
-    from ffn.training.trainer import Trainer
-    self.coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-    self.num_workers = num_workers
-    self.trainer = owner._trainer = Trainer(owner._config(num_workers), strategy)
-    self.trainer.restore_or_init()
-    self.trainer.write_flags()
-    self.trainer.attach_data(self.trainer.make_source())
+  def __init__(self, trainer, coordinator, num_workers: int):
+    """``trainer``: a restored Trainer under the ParameterServerStrategy of ``coordinator`` (a
+    ``ClusterCoordinator``), its example source attached."""
+    self.trainer, self.coordinator, self.num_workers = trainer, coordinator, num_workers
 
   def run(self) -> int:
     """Trains to ``max_steps`` with one batch in flight per worker; 0, or 3 after SIGTERM."""

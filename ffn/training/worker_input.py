@@ -67,8 +67,8 @@ CACHE_DIR = "worker_volumes"
 
 
 def check_config(cfg) -> None:
-  """Raises FFNError when a :class:`~ffn.training.trainer.TrainConfig` needs what the worker-side
-  input does not do (see the module docstring)."""
+  """Raises FFNError when a :class:`~ffn.training.trainer.TrainConfig` (or the parsed ``ffn
+  train`` flags, same names) needs what the worker-side input does not do (module docstring)."""
   if cfg.fov_policy != "fixed":
     raise FFNError(f"--async_input worker runs the 'fixed' FOV policy in-graph; --fov_policy "
                    f"{cfg.fov_policy} needs --async_input coordinator")
@@ -348,6 +348,12 @@ class WorkerInputTrainer:
     self.planner = Planner(source, self.volumes, trainer.cfg.batch_size, trainer.model.deltas,
                            trainer.cfg.shuffle_moves)
     self.fov = InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
+    self.next_index = int(trainer.examples_taken.numpy())  # next stream position to hand out
+
+  def save(self) -> str:
+    """Saves a checkpoint whose ``examples_taken`` is the next stream position to hand out."""
+    self.trainer.examples_taken.assign(self.next_index)
+    return self.trainer.save()
 
   def run(self) -> int:
     """Trains to exactly ``max_steps``; 0, or 3 after SIGTERM (checkpoint saved)."""
@@ -358,27 +364,21 @@ class WorkerInputTrainer:
     handlers = {s: signal.signal(s, trainer._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     writer = tf.summary.create_file_writer(cfg.train_dir)
     iterator = iter(self.coordinator.create_per_worker_dataset(self.volumes.dataset))
-    next_index = int(trainer.examples_taken.numpy())
     step0 = finished = int(trainer.step.numpy())
     _log.info("worker input: %d volume(s) on each worker, stream from example %d, step %d",
-              len(self.volumes.names), next_index, step0)
+              len(self.volumes.names), self.next_index, step0)
     cap = len(self.planner.shifts)
     in_flight: collections.deque = collections.deque()
     reserved, losses, steps_logged = 0, [], 0
     t_start = t_log = t_ckpt = time.monotonic()
     status = 0
-
-    def save() -> None:
-      trainer.examples_taken.assign(next_index)
-      trainer.save()
-
     try:
       while True:
         while (not trainer._stop and len(in_flight) < self.depth
                and finished + reserved < cfg.max_steps):
           budget = min(cap, cfg.max_steps - finished - reserved)
-          args = [tf.constant(v) for v in self.planner.plan(next_index).values()]
-          next_index += cfg.batch_size
+          args = [tf.constant(v) for v in self.planner.plan(self.next_index).values()]
+          self.next_index += cfg.batch_size
           in_flight.append((self.coordinator.schedule(
               self.fov.train_examples, args=(iterator, *args, tf.constant(budget, tf.int64))), budget))
           reserved += budget
@@ -404,13 +404,13 @@ class WorkerInputTrainer:
         if trainer._stop:
           continue  # no new calls; the loop ends when the last one is back
         if trainer._save_now or now - t_ckpt >= cfg.checkpoint_interval_s:
-          save()
+          self.save()
           trainer._save_now, t_ckpt = False, now
       self.coordinator.join()
-      save()
+      self.save()
       status = EXIT_PREEMPTED if trainer._stop and finished < cfg.max_steps else 0
       _log.info("coordinator done: step %d, %d examples taken, %.2f steps/s overall",
-                int(trainer.step.numpy()), next_index,
+                int(trainer.step.numpy()), self.next_index,
                 (finished - step0) / max(time.monotonic() - t_start, 1e-9))
     finally:
       for s, h in handlers.items():
