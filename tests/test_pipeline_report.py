@@ -9,6 +9,7 @@ The HTML is opened in real headless Chromium (``tests/browser.py``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -265,9 +266,9 @@ def test_done_stage_with_missing_output_is_an_error_and_writes_nothing(tmp_path)
     report_mod.write_report(tmp_path / "stages")
 
 
-def test_without_sacct_the_report_says_so(tmp_path, monkeypatch):
+def test_without_sacct_the_report_says_so(tmp_path, monkeypatch, capsys):
   """Slurm job ids but no sacct on PATH: the stage says so, the report is written; without
-  ground truth there are no scores but statistics and previews."""
+  ground truth there are no scores but statistics and previews. The CLI entry does the same."""
   seg = np.zeros((6, 5, 4), np.uint8)
   seg[:, :, 2:] = 3
   storage.save_subvolume(seg, {}, storage.segmentation_path(str(tmp_path / "c"), (1, 2, 3)))
@@ -285,6 +286,12 @@ def test_without_sacct_the_report_says_so(tmp_path, monkeypatch):
   assert out["scores"] == {} and data["stats"]["consensus"]["objects"] == 1
   assert data["stats"]["consensus"]["unsegmented_fraction"] == 0.5
   assert "sacct not found on PATH" in Path(out["html"]).read_text()
+  parser = argparse.ArgumentParser()
+  report_mod.add_arguments(parser)
+  assert report_mod.run(parser.parse_args([str(tmp_path), "--block_size", "3,3,3"])) == 0
+  assert capsys.readouterr().out == f"wrote {out['html']}, {out['md']}, {out['json']}\n"
+  with pytest.raises(FFNError, match="--block_size: expected 3 integers"):
+    report_mod.run(parser.parse_args([str(tmp_path), "--block_size", "3,3"]))
 
 
 def test_report_in_headless_chromium(run_dir, browser):

@@ -292,14 +292,17 @@ padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f2f2f2}td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f6f6;border:1px solid #ddd;padding:.8em;overflow-x:auto;font-size:.88em}
 code{background:#f2f2f2;padding:0 .2em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.9em;color:#555}
 details summary{cursor:pointer;margin:.4em 0}
 """
+
+
+_NUMBER = re.compile(r"-?[\d,]+(\.\d+)?( ?%| s| min \d+ s| h \d+ min)?")  # right-aligned cells
 
 
 def _html(title: str, sections: list[tuple[str, list[Block]]], images: dict[str, bytes]) -> str:
@@ -316,7 +319,8 @@ def _html(title: str, sections: list[tuple[str, list[Block]]], images: dict[str,
       elif b.kind == "pre":
         out.append(f"<pre>{e(b.text)}</pre>")
       elif b.kind == "table":
-        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+        rows = "".join("<tr>" + "".join(f'<td class="n">{e(c)}</td>' if _NUMBER.fullmatch(c)
+                                        else f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
         table = ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers)
                  + f"</tr></thead><tbody>{rows}</tbody></table>")
         out.append(f"<details><summary>{e(b.summary)}</summary>{table}</details>" if b.summary
