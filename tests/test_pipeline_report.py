@@ -125,7 +125,8 @@ def run_dir(tmp_path_factory) -> dict:
                                       "segmentation_box": plan["region"]})
   _stage(run, "reseg_run", "running", {"segmentation": f"{run}/absent.h5:seg"})
   _stage(run, "export", "done", {"neuroglancer": str(run / "stages" / "export" / "neuroglancer"),
-                                 "files": {"merge table": str(run / "stages" / "export" / "merges.csv")}})
+                                 "files": {"merge table": str(run / "stages" / "export" / "merges.csv"),
+                                           "segmentation (HDF5)": f"{run}/stitched.h5:seg"}})
   _stage(run, "report", "running", {})
   out = report_mod.write_report(run, block_size_xyz=BLOCK)
   return {"run": run, "out": out, "gt": gt, "raw": raw, "stitched": stitched,
@@ -225,6 +226,7 @@ def test_report_json_and_markdown(run_dir):
   assert "ffn serve " + str(run / "stages" / "export" / "neuroglancer") in md
   assert "https://neuroglancer-demo.appspot.com/#!" in md and "localhost%3A8000" in md
   assert CONFIG.strip() in md
+  assert "(stages/export/merges.csv)" in md and f"({run}/stitched.h5:seg)](stitched.h5)" in md
   assert f"| stitch | stitch | {report_mod._num(out['scores']['stitch']['vi_split'])} |" in md
 
 

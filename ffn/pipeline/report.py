@@ -460,7 +460,8 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
     stages = list(plan["stages"])
   except (KeyError, TypeError) as e:
     raise FFNError(f"{run / 'plan.json'}: missing {e} (not a pipeline plan)") from None
-  resolution = tuple(float(v) for v in plan.get("resolution_nm") or DEFAULT_RESOLUTION_NM)
+  resolution = tuple(float(v) for v in plan.get("resolution_nm") or (
+      (plan.get("config") or {}).get("export") or {}).get("resolution") or DEFAULT_RESOLUTION_NM)
   centre = region.start + region.size // 2
   gt_spec = plan.get("groundtruth")
   gt_spec = _resolve(gt_spec, run) if gt_spec else None
@@ -676,8 +677,10 @@ def _sections(run: Path, plan: dict, report: dict, figures: list[Block], unavail
       else:
         viewer.append(Block("text", text=f"(not there yet: {folder})"))
     for label, path in (outputs.get("files") or {}).items():
-      path = str(path) if os.path.isabs(str(path)) else str(run / str(path))
-      links.append((f"{name}: {label} ({path})", os.path.relpath(path, run)))
+      path = _resolve_path(str(path), run)
+      h5 = re.fullmatch(r"(.+\.(?:h5|hdf5|hdf)):[^/]+", path)  # a dataset spec: link its file
+      target = h5[1] if h5 and not os.path.exists(path) else path
+      links.append((f"{name}: {label} ({path})", os.path.relpath(target, run)))
   sections.append(("Neuroglancer", viewer or [Block("text", text="No Neuroglancer export in this run.")]))
   if links:
     sections.append(("Files", [Block("links", links=links)]))
