@@ -61,7 +61,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "stitch": {"min_agreement": Field("float", 0.5, 1e-9), "min_overlap": Field("int", 100, 1),
                "block_size": Field("xyz", [64, 64, 64], 1),
                "chunk_size": Field("xyz", [64, 64, 64], 1)},
-    "reseg": {"enabled": Field("bool", True), "radius": Field("xyz", [12, 12, 12], 1),
+    "reseg": {"enabled": Field("bool", True), "radius": Field("xyz", [24, 24, 24], 1),
               "analysis_radius": Field("xyz", None, 0),
               "compute_dtype": Field("choice", None, choices=COMPUTE_DTYPES),
               "points_per_item": Field("int", 16, 1), "min_size": Field("int", 0, 0),

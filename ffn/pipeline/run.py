@@ -258,14 +258,16 @@ def wait_pipeline(run_dir: str | os.PathLike, poll_s: float = 10.0,
   left running (1); a progress line (stages, tasks, rate, ETA) every poll."""
   start = time.monotonic()
   last = ""
+  done_before: int | None = None
   while True:
     statuses = stage_statuses(run_dir)
     done = sum(s.state == "done" for s in statuses)
     tasks_done = sum(s.count("done") for s in statuses)
+    done_before = tasks_done if done_before is None else done_before
     tasks = sum(sum(p.tasks for p in s.phases) for s in statuses)
     active = [s for s in statuses if s.count("running")]
     elapsed = time.monotonic() - start
-    rate = tasks_done / elapsed if elapsed > 0 else 0.0
+    rate = (tasks_done - done_before) / elapsed if elapsed > 0 else 0.0
     eta = sum(s.eta_s or 0.0 for s in statuses) or None
     line = (f"{done}/{len(statuses)} stages done, {tasks_done}/{tasks} tasks; running: "
             f"{', '.join(s.name for s in active) or '-'}; {rate * 60:.1f} tasks/min"

@@ -1,0 +1,163 @@
+"""``ffn pipeline``: config checks, planning, fingerprints, --dry_run (fast, nothing runs).
+
+The end-to-end runs (the demo's pipeline as dependent Slurm job arrays, the killed task and the
+identical re-run) are in ``tests/test_demo.py``, which shares one run among its assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ffn.cli import main
+from ffn.errors import FFNError
+from ffn.pipeline import plan as planlib
+from ffn.pipeline.config import check_config, load_config
+from ffn.pipeline.status import _expand
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data" / "fib25" / "training_sample2_crop.h5"
+
+
+def _tables(run_dir: Path) -> dict[str, dict]:
+  return {
+      "run": {"run_dir": str(run_dir), "cluster": "local"},
+      "image": {"spec": f"{SAMPLE}:raw"}, "groundtruth": {"spec": f"{SAMPLE}:stack"},
+      "model": {"checkpoint": f"{REPO}/sample_data/fib25/model/model.ckpt-27465036"},
+      "region": {"start": [25, 25, 25], "size": [96, 64, 64]},
+      "chunking": {"subvolume_size": [64, 64, 64], "overlap": [32, 0, 0]},
+      "inference": {"request": f"{REPO}/configs/inference_training_sample2.pbtxt",
+                    "compute_dtype": "bfloat16"},
+      "reseg": {"radius": [20, 20, 20], "analysis_radius": [8, 8, 8]},
+      "resources.reseg_run": {"num_tasks": 3}}
+
+
+def _config(run_dir: Path, changes: dict[str, dict] | None = None, raw: str = "") -> str:
+  """TOML text of the test config with ``changes`` ({table: {key: JSON value}}) applied."""
+  tables = _tables(run_dir)
+  for table, values in (changes or {}).items():
+    tables.setdefault(table, {}).update(values)
+  return "".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items())
+                 for t, kv in tables.items()) + raw
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    status = main(argv)
+  return status, stdout.getvalue(), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, raw, key", [
+    ({"regoin": {"start": [0, 0, 0]}}, "", "[regoin]: unknown section"),
+    ({"stitch": {"min_overlapp": 3}}, "", "stitch.min_overlapp: unknown key"),
+    ({"stitch": {"min_overlap": "100"}}, "", "stitch.min_overlap: expected an integer"),
+    ({"stitch": {"min_overlap": 0}}, "", "stitch.min_overlap: must be >= 1"),
+    ({"stitch": {"block_size": [64, 64]}}, "", "stitch.block_size: expected [x, y, z]"),
+    ({"reseg": {"compute_dtype": "float64"}}, "", "reseg.compute_dtype: expected one of"),
+    ({"export": {"h5": 1}}, "", "export.h5: expected true or false"),
+    ({"resources.gpus": {"cpus": 2}}, "", "resources.gpus: unknown table"),
+    ({"resources.cpu": {"num_tasks": 2}}, "", "resources.cpu.num_tasks: give num_tasks per stage"),
+    ({"dvid": {"server": "localhost:8000"}}, "", "dvid.uuid: required key missing"),
+    ({"stitch": {"chunk_size": [48, 48, 48]}}, "",
+     "stitch.block_size: [64, 64, 64] must be a multiple of stitch.chunk_size"),
+    ({"chunking": {"overlap": [64, 0, 0]}}, "", "chunking.overlap: [64, 0, 0] must be smaller"),
+    ({"region": {"start": [100, 0, 0]}}, "", "region: "),
+    ({"model": {"checkpoint": "/nonexistent/model.ckpt-1"}}, "", "model.checkpoint: "),
+    ({}, "x = [", "not valid TOML"),
+])
+def test_bad_config_is_one_line_naming_the_key_and_writes_nothing(tmp_path, capsys, changes, raw,
+                                                                   key):
+  path = tmp_path / "pipeline.toml"
+  path.write_text(_config(tmp_path / "run", changes, raw))
+  status, out, err = _run(["pipeline", "run", str(path), "--dry_run"], capsys)
+  assert status == 2, (out, err)
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("ffn pipeline: error: "), err
+  assert key in lines[0], lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_required_key_and_defaults():
+  with pytest.raises(FFNError, match=r"p\.toml: run\.run_dir: required key missing"):
+    check_config({"image": {"spec": "x.h5:raw"}}, "p.toml")
+  config = check_config({"run": {"run_dir": "r"}, "image": {"spec": "x.h5:raw"},
+                         "model": {"checkpoint": "m"}, "inference": {"request": "q.pbtxt"}})
+  assert config["groundtruth"] is None and config["dvid"] is None
+  assert config["stitch"] == {"min_agreement": 0.5, "min_overlap": 100,
+                              "block_size": [64, 64, 64], "chunk_size": [64, 64, 64]}
+  assert config["reseg"]["radius"] == [24, 24, 24] and config["reseg"]["analysis_radius"] is None
+
+
+def test_example_config_plans(tmp_path, capsys, monkeypatch):
+  """configs/pipeline_example.toml (every key documented there) is valid and plans 8 chunks."""
+  monkeypatch.chdir(REPO)
+  config, _ = load_config(REPO / "configs" / "pipeline_example.toml")
+  config["run"]["run_dir"] = str(tmp_path / "run")
+  stages = planlib.build_stages(planlib.resolve(config), tmp_path / "run")
+  assert [s.name for s in stages] == ["inference", "stitch", "reseg_pairs", "reseg_run",
+                                      "reseg_analyze", "agglomerate", "export", "report"]
+  assert stages[0].phases[0].tasks == 8  # 150^3 as 99^3 chunks overlapping by 48
+  assert [p.name for p in stages[1].phases] == ["extract", "match", "resolve", "write", "finalise"]
+  # 150^3 in 64^3 blocks: 27, at most 16 tasks per phase by default
+  assert [p.tasks for p in stages[1].phases] == [8, 8, 1, 16, 1]
+
+
+def _stages(tmp_path: Path, changes: dict[str, dict] | None = None) -> list[planlib.Stage]:
+  path = tmp_path / "pipeline.toml"
+  path.write_text(_config(tmp_path / "run", changes))
+  config, _ = load_config(path)
+  return planlib.build_stages(planlib.resolve(config), tmp_path / "run")
+
+
+def test_fingerprints_cover_the_stage_inputs_and_upstream(tmp_path):
+  base = {s.name: s.fingerprint for s in _stages(tmp_path)}
+  assert {s.name: s.fingerprint for s in _stages(tmp_path)} == base  # deterministic
+  changed = {s.name: s.fingerprint for s in _stages(tmp_path, {"stitch": {"min_overlap": 50}})}
+  same = [n for n in base if base[n] == changed[n]]
+  assert same == ["inference"]  # stitch and everything after it depend on min_overlap
+  changed = {s.name: s.fingerprint for s in
+             _stages(tmp_path, {"agglomerate": {"score_threshold": 0.9}})}
+  assert [n for n in base if base[n] != changed[n]] == ["agglomerate", "export", "report"]
+  # resources are not inputs: a run may move to other nodes without redoing anything
+  assert {s.name: s.fingerprint for s in
+          _stages(tmp_path, {"resources.inference": {"cpus": 4, "num_tasks": 1}})} == base
+
+
+def test_downstream_and_inputs_name_keys(tmp_path):
+  stages = _stages(tmp_path)
+  assert planlib.downstream(stages, "reseg_run") == ["reseg_run", "reseg_analyze", "agglomerate",
+                                                     "export", "report"]
+  inference = stages[0].inputs
+  old = dict(inference, **{"inference.compute_dtype": "float32"})
+  assert planlib.first_difference(old, inference) == "inference.compute_dtype"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+  path = tmp_path / "pipeline.toml"
+  path.write_text(_config(tmp_path / "run"))
+  status, out, err = _run(["pipeline", "run", str(path), "--dry_run"], capsys)
+  assert status == 0, err
+  assert out.startswith("dry run: nothing submitted, nothing written\ncluster: local\n")
+  assert "inference: to submit; after: -;" in out
+  assert "  phase segment: 2 tasks x 2 CPU, 4 GB, 0 GPU, 120 min, partition default; " \
+         "dependency: none" in out
+  assert "  phase match: 2 tasks x 1 CPU, 2 GB, 0 GPU, 60 min, partition default; " \
+         "dependency: afterok stitch/extract" in out
+  assert "  phase write: 2 tasks" in out  # 96x64x64 in 64^3 blocks
+  assert "reseg_run: to submit; after: reseg_pairs;" in out
+  assert "  phase points: 3 tasks x 2 CPU" in out
+  assert f'  output segmentation: "{tmp_path}/run/stages/agglomerate/g1/agglomerated_region.h5:seg"' \
+         in out
+  assert not (tmp_path / "run").exists()
+  status, _, err = _run(["pipeline", "run", str(path), "--dry_run", "--force_from", "stich"], capsys)
+  assert status == 2 and "--force_from stich: not a stage of this pipeline" in err
+
+
+def test_array_ids_as_slurm_prints_them():
+  assert _expand("123_[0-2,5%2]") == ["123_0", "123_1", "123_2", "123_5"]
+  assert _expand("123_4") == ["123_4"]
