@@ -698,8 +698,8 @@ def _sections(run: Path, plan: dict, report: dict, figures: list[Block], unavail
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("run_dir", help="the pipeline's run directory (holds plan.json)")
   parser.add_argument("--block_size", default="256,256,256",
-                      help="x,y,z voxels read at a time for scores and statistics (memory ~ "
-                           "2 x 8 bytes per voxel of a block)")
+                      help="x,y,z voxels read at a time for scores and statistics (peak memory "
+                           "about 50 bytes per voxel of a block: 0.8 GB at 256^3)")
 
 
 def run(args: argparse.Namespace) -> int:
