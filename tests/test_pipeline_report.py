@@ -296,7 +296,7 @@ def test_without_sacct_the_report_says_so(tmp_path, monkeypatch, capsys):
     report_mod.run(parser.parse_args([str(tmp_path), "--block_size", "3,3"]))
 
 
-def test_report_in_headless_chromium(run_dir, browser):
+def test_report_in_headless_chromium(browser, run_dir):
   """report.html renders in Chromium from file://: every image decoded, no console error, no
   failed or outside request (only the file itself and data: URIs), the scores in the DOM."""
   out = run_dir["out"]

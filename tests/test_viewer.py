@@ -37,7 +37,6 @@ from typing import Iterator
 
 import h5py
 import numpy as np
-import pytest
 from PIL import Image
 
 from browser import Browser, browser  # noqa: F401 (browser: the fixture)

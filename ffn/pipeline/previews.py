@@ -5,10 +5,11 @@ the image in grey with each object tinted in its colour (the colours and boundar
 Only the three planes are read (of the image and of the segmentation), never the volume. Each
 panel is labelled on the image in x,y,z: a first line with the plane and its position in volume
 coordinates (``xy at z=75``), a second with the axes and voxel ranges it shows (an arrow to the
-right and ``x 25..124`` for the columns, an arrow down and ``y 25..124`` for the rows). Planes longer than :data:`MAX_PANEL_VOXELS`
-are subsampled by an integer step (written on the panel); small ones are enlarged (nearest
-neighbour) so the mosaic is at least ``min_width`` pixels wide. A strip below holds a scale bar
-along x, the voxel size and the number of objects in the three planes.
+right and ``x 25..124`` for the columns, an arrow down and ``y 25..124`` for the rows). Planes
+longer than :data:`MAX_PANEL_VOXELS` are subsampled by an integer step (written on the panel);
+small ones are enlarged (nearest neighbour) so the mosaic is at least ``min_width`` pixels wide.
+A strip below holds a scale bar along x, the voxel size and the number of objects in the three
+planes.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ A segmentation (any label volume spec of :mod:`ffn.io.volumes`, or a single resu
 block by block over its box (``block_size_xyz``, x,y,z voxels), and so is the ground truth of the
 same block. Each block adds its sparse contingency table (voxel counts per (segment id, true id)
 pair, ground-truth 0 ignored) and its object sizes (voxels per segment id, 0 = unsegmented
-included) to running tables, so memory is O(block + tables), never O(volume). The finished
-contingency table is handed to :mod:`ffn.metrics.scores` as the same
-:class:`~ffn.metrics.scores.Contingency` it would build from the whole arrays (same entries, same
-order), so the scores are those of :func:`ffn.metrics.scores.evaluate` on the whole volume, to the
-last bit.
+included) to running tables, so memory is O(block + tables), never O(volume) (a result npz,
+which cannot be read in parts, is held whole: one chunk). The finished contingency table is
+handed to :mod:`ffn.metrics.scores` as the same :class:`~ffn.metrics.scores.Contingency` it
+would build from the whole arrays (same entries, same order), so the scores are those of
+:func:`ffn.metrics.scores.evaluate` on the whole volume, to the last bit.
 
 Coordinates: boxes are absolute image voxels, x,y,z (:class:`ffn.axes.BoundingBox`); arrays z,y,x.
 A label volume that records where it lies (HDF5 attribute or Zarr ``.zattrs`` key
