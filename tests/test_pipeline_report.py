@@ -357,3 +357,15 @@ def test_sacct_times_and_resources_of_a_real_job(tmp_path, slurm_job_name):
   assert task["JobID"] == job and task["State"] == "COMPLETED" and task["AllocCPUS"].isdigit()
   assert report_mod.parse_elapsed(task["Elapsed"]) >= 2 and res["summary"]["states"] == {"COMPLETED": 1}
   assert task["ReqMem"] and shutil.which("sacct")
+
+
+def test_slurm_figures_are_parsed():
+  """sacct's durations and memory figures, and job ids in submission order (golden values)."""
+  assert report_mod.parse_elapsed("00:00:23") == 23 and report_mod.parse_elapsed("05:06") == 306
+  assert report_mod.parse_elapsed("1-02:03:04") == 93784 and report_mod.parse_elapsed("") is None
+  assert report_mod.parse_memory("886360K") == 886360 * 1024
+  assert report_mod.parse_memory("4G") == 4 << 30 and report_mod.parse_memory("1000Mn") == 1000 << 20
+  assert report_mod.parse_memory("") is None
+  jobs = ["806", "805_[2-3]", "803_10", "805", "802_1", "803_2", "805_1"]
+  assert sorted(jobs, key=report_mod._job_key) == ["802_1", "803_2", "803_10", "805", "805_1",
+                                                    "805_[2-3]", "806"]

@@ -156,6 +156,11 @@ def parse_elapsed(text: str) -> float | None:
   return (int(days or 0) * 86400 + int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds))
 
 
+def _job_key(job: str) -> tuple:
+  """Sort key of a Slurm job id: ``802`` < ``802_1`` < ``802_10`` < ``802_[11-15]`` < ``803``."""
+  return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[_\[\]]", job) if p)
+
+
 def sacct_resources(job_ids: Sequence[str]) -> dict:
   """Time and resources of Slurm jobs from ``sacct -j <ids> --format=JobID,Elapsed,AllocCPUS,
   ReqMem,MaxRSS,State --parsable2``: ``{"source": "sacct", "tasks": [one row per job or array
@@ -194,7 +199,7 @@ def sacct_resources(job_ids: Sequence[str]) -> dict:
     if value is not None:
       rss[main] = max(rss[main], value)
   table = []
-  for job, row in tasks.items():
+  for job, row in sorted(tasks.items(), key=lambda item: _job_key(item[0])):
     table.append({"JobID": job, "Elapsed": row.get("Elapsed", ""), "AllocCPUS": row.get("AllocCPUS", ""),
                   "ReqMem": row.get("ReqMem", ""),
                   "MaxRSS": _format_bytes(rss[job]) if job in rss else "",
@@ -477,7 +482,8 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
     if elapsed is None and state.get("started") and state.get("finished"):
       elapsed = float(state["finished"]) - float(state["started"])
     stage_rows.append({"name": name, "depends_on": list(entry.get("depends_on") or []),
-                       "state": state.get("state", "not started"), "started": state.get("started"),
+                       "state": state.get("state", "not started"), "error": state.get("error"),
+                       "started": state.get("started"),
                        "finished": state.get("finished"), "elapsed_s": elapsed,
                        "job_ids": [str(j) for j in state.get("job_ids") or []],
                        "tasks": state.get("tasks") or {}, "counters": state.get("counters") or {},
@@ -622,17 +628,19 @@ def _sections(run: Path, plan: dict, report: dict, figures: list[Block], unavail
     res = s["resources"]
     if res["source"] == "sacct":
       m = res["summary"]
-      how = (f"sacct: {m['tasks']} tasks ({', '.join(f'{n} {k}' for k, n in m['states'].items())}); "
+      tasks_text = f"{m['tasks']} task{'s' if m['tasks'] != 1 else ''}"
+      how = (f"sacct: {tasks_text} ({', '.join(f'{n} {k}' for k, n in m['states'].items())}); "
              f"task max {format_seconds(m['elapsed_s_max'])}, CPU time {format_seconds(m['cpu_s'])}; "
              f"CPUs {', '.join(map(str, m['alloc_cpus']))}; ReqMem {', '.join(m['req_mem'])}; "
-             f"peak MaxRSS {_format_bytes(m['max_rss_bytes']) or '?'}")
-      sacct_blocks.append(Block("table", summary=f"sacct of stage {s['name']} ({len(res['tasks'])} tasks)",
+             f"peak MaxRSS {_format_bytes(m['max_rss_bytes']) or 'not sampled (job too short)'}")
+      sacct_blocks.append(Block("table", summary=f"sacct of stage {s['name']} ({tasks_text})",
                                 headers=SACCT_FORMAT.split(","),
                                 rows=[[t[k] for k in SACCT_FORMAT.split(",")] for t in res["tasks"]]))
     else:
       how = res["note"]
     tasks = s["tasks"]
-    rows.append([s["name"], s["state"], format_seconds(s["elapsed_s"]), _when(s["started"]),
+    state = f"{s['state']}: {s['error']}" if s.get("error") else s["state"]
+    rows.append([s["name"], state, format_seconds(s["elapsed_s"]), _when(s["started"]),
                  f"{tasks.get('done', '')}/{tasks.get('total', '')}" + (
                      f", {tasks['failed']} failed" if tasks.get("failed") else ""),
                  " ".join(s["job_ids"]) or "-", how])
