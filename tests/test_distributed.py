@@ -185,11 +185,11 @@ def test_bad_cluster_flags_are_user_errors(crop_data, tmp_path):
       "SlurmClusterResolver, which reads the Slurm job step; the local cluster runs one task "
       "(--tasks_per_node 1)")
   proc = _slurm_train(_flags(crop_data, tmp_path / "run2", 5, "--strategy", "async", "--tasks_per_node",
-                             "4", "--async_input", "worker", "--fov_policy", "max_pred_moves"))
+                             "4", "--async_input", "worker", "--elastic_alpha", "4"))
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      "ffn slurm_train: error: --async_input worker runs the 'fixed' FOV policy in-graph; "
-      "--fov_policy max_pred_moves needs --async_input coordinator")
+      "ffn slurm_train: error: --async_input worker applies only the axis permutation/reflection "
+      "in-graph; --elastic_alpha needs --async_input coordinator")
   assert not (tmp_path / "run2").exists()  # refused before anything is written
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from conftest import REPO_ROOT
 from ffn.errors import FFNError
 from ffn.training import worker_input as wi
-from ffn.training.examples import crop, fixed_policy, initial_seed
+from ffn.training.examples import crop, fixed_policy, initial_seed, max_pred_policy
 from ffn.training.trainer import TrainConfig, Trainer
 
 SAMPLE_CROP = REPO_ROOT / "sample_data" / "fib25" / "training_sample2_crop.h5"
@@ -91,10 +91,12 @@ def test_examples_equal_the_eager_stream(volumes, tmp_path):
       np.testing.assert_array_equal(labels[i].numpy(), want_labels)
 
 
-def test_fov_loop_matches_eager_steps(volumes, tmp_path):
-  """Batch 1: the in-graph loop visits the same FOVs as fixed_policy over the eager seed canvas,
-  takes one optimizer step each, and ends with the same weights as the eager steps."""
-  cfg = _config(volumes, tmp_path / "a")
+@pytest.mark.parametrize("policy", ["fixed", "max_pred_moves"])
+def test_fov_loop_matches_eager_steps(volumes, tmp_path, policy):
+  """Batch 1: the in-graph loop visits the same FOVs as the eager policy (fixed_policy /
+  max_pred_policy over the eager seed canvas), takes one optimizer step each, and ends with the
+  same weights as the eager steps."""
+  cfg = _config(volumes, tmp_path / "a", fov_policy=policy)
   eager = Trainer(cfg)
   source = eager.make_source()
   graph = Trainer(dataclasses.replace(cfg, train_dir=str(tmp_path / "b")))
@@ -103,43 +105,39 @@ def test_fov_loop_matches_eager_steps(volumes, tmp_path):
   fov = wi.InGraphFov(graph, tuple(int(v) for v in source.size_xyz[::-1]))
   iterator = iter(vols.dataset())
   fov_zyx = eager.fov_zyx
-  for index in range(3):
+  visited = []
+  for index in range(3 if policy == "fixed" else 1):
     image, labels = source.example(index)
     seed = initial_seed(labels.shape, pad=cfg.seed_pad)
-    shifts = [tuple(int(v) for v in m[::-1]) for m in planner.moves_zyx(index)[1:]]
+    if policy == "fixed":
+      shifts = [tuple(int(v) for v in m[::-1]) for m in planner.moves_zyx(index)[1:]]
+      offsets = fixed_policy(seed, shifts, cfg.threshold)
+    else:
+      offsets = max_pred_policy(seed, eager.model.fov_size, eager.model.deltas, cfg.threshold)
     losses = []
-    for off in fixed_policy(seed, shifts, cfg.threshold):
+    for off in offsets:
       view = crop(seed, off, fov_zyx)
       x = np.stack([crop(image, off, fov_zyx), view], axis=-1)[None]
       logits, loss = eager.train_step(tf.constant(x), tf.constant(crop(labels, off, fov_zyx)[None, ..., None]))
       view[...] = logits.numpy()[0, ..., 0]
       losses.append(float(loss))
     n, loss, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(index)),
-                                         tf.constant(27, tf.int64))
-    # threshold 0.091 (logit -2.30) lies amid the untrained prediction at the shifts (-2.48..-1.98,
-    # about 0.01 apart): the policy moves and stops, decided far beyond float32 rounding.
-    assert 1 < len(losses) < 27
+                                         tf.constant(fov.max_visits, tf.int64))
+    visited.append(len(losses))
     assert int(n) == len(losses) and visits.numpy().tolist() == [len(losses)]
     np.testing.assert_allclose(float(loss), np.mean(losses), rtol=1e-5)
+  # threshold 0.091 (logit -2.30) lies amid the untrained prediction at the shifts (-2.48..-1.98,
+  # about 0.01 apart): the policy moves and stops, decided far beyond float32 rounding.
+  assert max(visited) > 1 and max(visited) < fov.max_visits, visited
   assert int(graph.step.numpy()) == int(eager.step.numpy())
   for a, b in zip(eager.variables, graph.variables):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)
-
-
-def test_budget_stops_the_loop(volumes, tmp_path):
-  cfg = _config(volumes, tmp_path, batch_size=2)
-  trainer = Trainer(cfg)
-  source = trainer.make_source()
-  vols = wi.WorkerVolumes(source, str(tmp_path / "cache"))
-  planner = wi.Planner(source, vols, 2, trainer.model.deltas, True)
-  fov = wi.InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
-  n, _, visits = fov.train_examples(iter(vols.dataset()), *_plan_tensors(planner.plan(0)),
-                                    tf.constant(2, tf.int64))
-  assert int(n) == 2 and int(trainer.step.numpy()) == 2 and visits.numpy().tolist() == [2, 2]
+  # A call stops at its step budget (the coordinator's way to end at exactly max_steps).
+  step = int(graph.step.numpy())
+  n, _, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(0)), tf.constant(2, tf.int64))
+  assert int(n) == 2 and visits.numpy().tolist() == [2] and int(graph.step.numpy()) == step + 2
 
 
 def test_unsupported_settings_are_refused(volumes, tmp_path):
-  with pytest.raises(FFNError, match="--fov_policy max_pred_moves needs --async_input coordinator"):
-    wi.check_config(_config(volumes, tmp_path, fov_policy="max_pred_moves"))
   with pytest.raises(FFNError, match="--rotation_max_deg, --gamma need --async_input coordinator"):
     wi.check_config(_config(volumes, tmp_path, rotation_max_deg=10.0, gamma=0.1))

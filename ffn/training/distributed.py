@@ -113,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="parameter-server tasks for --strategy async (default: %(default)s)")
   group.add_argument("--async_input", choices=ASYNC_INPUTS, default="coordinator",
                      help="--strategy async: where examples are built: coordinator (Python, "
-                          "shipped per step) or worker (each worker's own tf.data input, FOV "
-                          "moves in-graph; fixed FOV policy only; default: %(default)s)")
+                          "shipped per step) or worker (volumes on each worker, FOV moves "
+                          "in-graph, no EM augmentations; default: %(default)s)")
   group.add_argument("--scale_lr_with_replicas", action="store_true",
                      help="multiply --learning_rate by the number of replicas")
   group.add_argument("--port_base", type=int, default=None,
@@ -344,13 +344,17 @@ class DistributedTraining(submitit.helpers.Checkpointable):
       trainer.restore_or_init()
       trainer.write_flags()
       trainer.attach_data(trainer.make_source())
-      if self.async_input == "worker":
-        from ffn.training.worker_input import WorkerInputTrainer
-        self._loop = WorkerInputTrainer(trainer, coordinator, num_workers)
-        return self._loop.run()
-      return AsyncTrainer(trainer, coordinator, num_workers).run()
+      return self._coordinate(trainer, coordinator, num_workers)
     finally:
       done_file.write_text("done\n")
+
+  def _coordinate(self, trainer, coordinator, num_workers: int) -> int:
+    """The coordinator's training loop (benchmarks override it); 0, or 3 after SIGTERM."""
+    if self.async_input == "worker":
+      from ffn.training.worker_input import WorkerInputTrainer
+      self._loop = WorkerInputTrainer(trainer, coordinator, num_workers)
+      return self._loop.run()
+    return AsyncTrainer(trainer, coordinator, num_workers).run()
 
 
 class AsyncTrainer:

@@ -21,20 +21,23 @@ the coordinator only schedules:
 * **In-graph FOV loop** (:meth:`InGraphFov.train_examples`). One scheduled call trains
   ``batch_size`` whole examples on a worker: it gathers their patches, makes google's soft labels
   (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
-  canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the ``fixed`` FOV
-  policy as a ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid
-  cross-entropy, each gradient element clipped to +/- ``max_gradient_entry_mag``, the optimizer's
-  update of the variables on the parameter servers, global step + 1; the logits are written into
-  the seed canvas, then every example takes the next of its moves (centre first, then the 26
-  +/- deltas shifts) whose seed voxel reaches ``logit(threshold)`` (google's ``fixed_offsets``,
-  read after the write-back).
+  canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the FOV policy as a
+  ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid cross-entropy,
+  each gradient element clipped to +/- ``max_gradient_entry_mag``, the optimizer's update of the
+  variables on the parameter servers, global step + 1; the logits are written into the seed
+  canvas, then every example chooses its next FOV from the updated canvas: ``fixed`` takes the
+  next of its moves (centre first, then the 26 +/- deltas shifts) whose seed voxel reaches
+  ``logit(threshold)`` (google's ``fixed_offsets``); ``max_pred_moves`` queues the face maxima
+  of the prediction as inference moves (google's ``max_pred_offsets``,
+  :func:`ffn.training.examples.max_pred_policy`).
 
 Semantics against ``ffn train``'s eager batches: an example whose policy has ended idles (weight
 0 in the loss, seed no longer written) until the last example of its call ends, where the eager
 batch refills that slot at once; with ``--batch_size 1`` the two give the same steps. A call stops
 early when it reaches its step budget (the coordinator hands out budgets so that training ends
-exactly at ``max_steps``). Not supported (an FFNError when the job is submitted): ``--fov_policy
-max_pred_moves`` and the EM augmentations beyond permutation/reflection.
+exactly at ``max_steps``). Not supported (an FFNError when the job is submitted): the EM
+augmentations beyond permutation/reflection (rotation, elastic, misalignment, missing/blurred
+sections, brightness/contrast/gamma, noise).
 
 Data-stream position: ``examples_taken`` (in the checkpoint, as before) counts the stream
 positions handed out; a resumed run continues at that index, so the stream is the same one.
@@ -53,6 +56,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ffn.axes import xyz_to_zyx
 from ffn.errors import FFNError
 from ffn.training.examples import fov_shifts, initial_seed, logit
 
@@ -69,13 +73,10 @@ CACHE_DIR = "worker_volumes"
 def check_config(cfg) -> None:
   """Raises FFNError when a :class:`~ffn.training.trainer.TrainConfig` (or the parsed ``ffn
   train`` flags, same names) needs what the worker-side input does not do (module docstring)."""
-  if cfg.fov_policy != "fixed":
-    raise FFNError(f"--async_input worker runs the 'fixed' FOV policy in-graph; --fov_policy "
-                   f"{cfg.fov_policy} needs --async_input coordinator")
   used = [f"--{name}" for name in _UNSUPPORTED_AUGMENT if getattr(cfg, name)]
   if used:
     raise FFNError(f"--async_input worker applies only the axis permutation/reflection in-graph; "
-                   f"{', '.join(used)} need --async_input coordinator")
+                   f"{', '.join(used)} need{'s' if len(used) == 1 else ''} --async_input coordinator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +234,11 @@ class InGraphFov:
                      f"in size along them")
     self.seed0 = np.broadcast_to(initial_seed(self.patch, pad=self.cfg.seed_pad),
                                  (self.cfg.batch_size,) + self.patch).copy()
+    if self.cfg.fov_policy == "max_pred_moves":  # at most one visit per cell
+      self.max_visits = int(np.prod(_cells(self.patch, self.fov,
+                                           xyz_to_zyx(trainer.model.deltas))[1]))
+    else:  # the centre and the 26 shifts
+      self.max_visits = 1 + len(fov_shifts(trainer.model.deltas))
     self.train_examples = tf.function(self._call)
 
   def examples(self, image_flat, label_flat, flat_start, strides, perm, flips, offset_scale):
@@ -290,24 +296,16 @@ class InGraphFov:
             budget):
     """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
     import tensorflow as tf
-    b, k = self.cfg.batch_size, moves.shape[1]
+    b = self.cfg.batch_size
     image, soft = self.examples(image_flat, label_flat, flat_start, strides, perm, flips,
                                 offset_scale)
     half = tf.constant([s // 2 for s in self.patch], tf.int32)
     fov_half = tf.constant([f // 2 for f in self.fov], tf.int32)
-    threshold = tf.constant(logit(self.cfg.threshold), tf.float32)
-    slot = tf.broadcast_to(tf.range(b)[:, None, None], [b, k, 1])
-    probe = tf.concat([slot, half + moves], axis=-1)  # [b, k, 4]: voxel each move is judged at
+    policy = (_MaxPredPolicy(self) if self.cfg.fov_policy == "max_pred_moves"
+              else _FixedPolicy(self, moves))
 
-    def choose(seed, ptr):
-      """Next move of each example: the first at index >= ptr whose voxel reaches threshold."""
-      ok = (tf.range(k)[None, :] >= ptr[:, None]) & (tf.gather_nd(seed, probe) >= threshold)
-      active = tf.reduce_any(ok, axis=1)
-      first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
-      return first, active, tf.where(active, first + 1, k)
-
-    def body(n, seed, move, active, ptr, loss_sum, visits):
-      start = half + tf.gather(moves, move, batch_dims=1) - fov_half  # [b, 3]
+    def body(n, seed, off, active, state, loss_sum, visits):
+      start = half + off - fov_half  # [b, 3] z,y,x corner of each FOV in its patch
       xs, ys = [], []
       for i in range(b):
         xs.append(tf.stack([tf.slice(image[i], start[i], self.fov),
@@ -321,17 +319,164 @@ class InGraphFov:
         box = tf.pad(tf.ones(self.fov, tf.bool), pad) & active[i]
         updated.append(tf.where(box, tf.pad(logits[i, ..., 0], pad), seed[i]))
       seed = tf.stack(updated)
-      move, active_next, ptr = choose(seed, ptr)
-      return (n + 1, seed, move, active_next, ptr, loss_sum + loss,
+      off_next, active_next, state = policy.next(seed, off, active, state)
+      return (n + 1, seed, off_next, active_next, state, loss_sum + loss,
               visits + tf.cast(active, tf.int32))
 
     seed = tf.constant(self.seed0)
-    move, active, ptr = choose(seed, tf.zeros([b], tf.int32))
+    off, active, state = policy.first()
     n, _, _, _, _, loss_sum, visits = tf.while_loop(
-        lambda n, seed, move, active, ptr, loss_sum, visits: (n < budget) & tf.reduce_any(active),
-        body, (tf.constant(0, tf.int64), seed, move, active, ptr, tf.constant(0.0, tf.float32),
+        lambda n, seed, off, active, state, loss_sum, visits: (n < budget) & tf.reduce_any(active),
+        body, (tf.constant(0, tf.int64), seed, off, active, state, tf.constant(0.0, tf.float32),
                tf.zeros([b], tf.int32)))
     return n, loss_sum / tf.cast(tf.maximum(n, 1), tf.float32), visits
+
+
+def _cells(patch_zyx, fov_zyx, deltas_zyx) -> tuple[list[int], tuple[int, int, int]]:
+  """(lowest cell index, cells per axis) z,y,x of the offsets max_pred_moves may visit: within
+  ``patch // 2 - fov // 2`` of the centre, cells of ``max(deltas, 1)`` voxels (floor division)."""
+  reach = [p // 2 - f // 2 for p, f in zip(patch_zyx, fov_zyx)]
+  size = [max(int(d), 1) for d in deltas_zyx]
+  lo = [(-r) // c for r, c in zip(reach, size)]
+  return lo, tuple(r // c - l + 1 for r, c, l in zip(reach, size, lo))
+
+
+class _FixedPolicy:
+  """google's ``fixed_offsets`` in-graph: each example's moves (centre first) in order, those
+  whose voxel in the seed canvas reaches logit(threshold) when they are considered."""
+
+  def __init__(self, fov: InGraphFov, moves):
+    import tensorflow as tf
+    self.moves, self.k = moves, moves.shape[1]
+    b = fov.cfg.batch_size
+    half = tf.constant([s // 2 for s in fov.patch], tf.int32)
+    slot = tf.broadcast_to(tf.range(b)[:, None, None], [b, self.k, 1])
+    self.probe = tf.concat([slot, half + moves], axis=-1)  # [b, k, 4]: voxel judged per move
+    self.threshold = tf.constant(logit(fov.cfg.threshold), tf.float32)
+    self.seed0 = tf.constant(fov.seed0)
+
+  def _choose(self, seed, ptr):
+    import tensorflow as tf
+    ok = (tf.range(self.k)[None, :] >= ptr[:, None]) & (tf.gather_nd(seed, self.probe) >= self.threshold)
+    active = tf.reduce_any(ok, axis=1)
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+    return tf.gather(self.moves, first, batch_dims=1), active, tf.where(active, first + 1, self.k)
+
+  def first(self):
+    import tensorflow as tf
+    return self._choose(self.seed0, tf.zeros([self.moves.shape[0]], tf.int32))
+
+  def next(self, seed, off, active, ptr):
+    del off, active
+    return self._choose(seed, ptr)
+
+
+class _MaxPredPolicy:
+  """google's ``max_pred_offsets`` in-graph (:func:`ffn.training.examples.max_pred_policy`):
+  a FIFO queue per example, from (0,0,0); after each visit the face maxima of the prediction
+  around it that reach logit(threshold) join the queue, best score first (ties: larger z,y,x
+  offset first); a queued offset is skipped when its FOV would leave the patch or its cell
+  ``offset // max(deltas, 1)`` was visited."""
+
+  def __init__(self, fov: InGraphFov):
+    import tensorflow as tf
+    self.b = fov.cfg.batch_size
+    self.fov = fov.fov
+    self.deltas = tuple(int(d) for d in xyz_to_zyx(fov.trainer.model.deltas))
+    self.cell = tf.constant([max(d, 1) for d in self.deltas], tf.int32)
+    self.reach = tf.constant([p // 2 - f // 2 for p, f in zip(fov.patch, fov.fov)], tf.int32)
+    lo, self.grid = _cells(fov.patch, fov.fov, self.deltas)
+    self.cell_lo = tf.constant(lo, tf.int32)
+    self.capacity = 1 + 6 * int(np.prod(self.grid))
+    self.threshold = tf.constant(logit(fov.cfg.threshold), tf.float32)
+    self.half = tf.constant([s // 2 for s in fov.patch], tf.int32)
+    self.fov_half = tf.constant([f // 2 for f in fov.fov], tf.int32)
+
+  def first(self):
+    import tensorflow as tf
+    queue = tf.zeros([self.b, self.capacity, 3], tf.int32)  # offsets (z,y,x); entry 0 = centre
+    head, tail = tf.zeros([self.b], tf.int32), tf.ones([self.b], tf.int32)
+    visited = tf.zeros((self.b,) + self.grid, tf.bool)
+    return self._pop(queue, head, tail, visited)
+
+  def _pop(self, queue, head, tail, visited):
+    """The first queued offset of each example that is inside reach and in an unvisited cell."""
+    import tensorflow as tf
+    slots = tf.range(self.b)
+
+    def cond(found, off, head, visited):
+      return tf.reduce_any(~found & (head < tail))
+
+    def body(found, off, head, visited):
+      searching = ~found & (head < tail)
+      item = tf.gather(queue, tf.minimum(head, self.capacity - 1), batch_dims=1)  # [b, 3]
+      inside = tf.reduce_all(tf.abs(item) <= self.reach, axis=1)
+      cell = tf.math.floordiv(item, self.cell) - self.cell_lo
+      cell = tf.clip_by_value(cell, 0, tf.constant(self.grid, tf.int32) - 1)
+      index = tf.concat([slots[:, None], cell], axis=1)
+      take = searching & inside & ~tf.gather_nd(visited, index)
+      visited = tf.tensor_scatter_nd_update(visited, index, tf.gather_nd(visited, index) | take)
+      off = tf.where(take[:, None], item, off)
+      return found | take, off, tf.where(searching, head + 1, head), visited
+
+    found, off, head, visited = tf.while_loop(
+        cond, body, (tf.zeros([self.b], tf.bool), tf.zeros([self.b, 3], tf.int32), head, visited))
+    return off, found, (queue, head, tail, visited)
+
+  def _moves(self, seed, off):
+    """[b, 6] scores, [b, 6, 3] moves (z,y,x), [b, 6] kept: the face maxima of
+    :func:`ffn.inference.movement.scored_move_offsets` over each example's FOV at ``off``."""
+    import tensorflow as tf
+    start = self.half + off - self.fov_half
+    crops = tf.stack([tf.slice(seed[i], start[i], self.fov) for i in range(self.b)])
+    c, d = [f // 2 for f in self.fov], self.deltas
+    scores, moves, kept = [], [], []
+    for axis in range(3):
+      if d[axis] == 0:
+        continue
+      others = [a for a in range(3) if a != axis]
+      for side in (-d[axis], d[axis]):
+        sel = [slice(None)] + [slice(c[a] - d[a], c[a] + d[a] + 1) for a in range(3)]
+        sel[1 + axis] = c[axis] + side
+        face = tf.reshape(crops[tuple(sel)], [self.b, -1])
+        pos = tf.argmax(face, axis=1, output_type=tf.int32)
+        width = 2 * d[others[1]] + 1
+        rel = [None] * 3
+        rel[axis] = tf.fill([self.b], side)
+        rel[others[0]] = pos // width - d[others[0]]
+        rel[others[1]] = pos % width - d[others[1]]
+        score = tf.reduce_max(face, axis=1)
+        scores.append(score)
+        moves.append(tf.stack(rel, axis=1))
+        kept.append(score >= self.threshold)
+    scores, moves, kept = tf.stack(scores, 1), tf.stack(moves, 1), tf.stack(kept, 1)
+    n = scores.shape[1]
+    same = (scores[:, :, None] == scores[:, None, :]) & tf.reduce_all(
+        moves[:, :, None] == moves[:, None, :], axis=-1)  # [b, i, j]
+    earlier = tf.constant(np.tril(np.ones((n, n), bool), -1))  # j < i
+    kept = kept & ~tf.reduce_any(same & earlier & kept[:, None, :], axis=2)
+    return scores, moves, kept
+
+  def next(self, seed, off, active, state):
+    import tensorflow as tf
+    queue, head, tail, visited = state
+    scores, moves, kept = self._moves(seed, off)
+    kept = kept & active[:, None]
+    # Rank among the kept items, descending by (score, z, y, x): python's sorted(reverse=True).
+    si, sj = scores[:, :, None], scores[:, None, :]
+    mi, mj = moves[:, :, None], moves[:, None, :]
+    tuple_gt = (mj[..., 0] > mi[..., 0]) | ((mj[..., 0] == mi[..., 0]) & (
+        (mj[..., 1] > mi[..., 1]) | ((mj[..., 1] == mi[..., 1]) & (mj[..., 2] > mi[..., 2]))))
+    before = ((sj > si) | ((sj == si) & tuple_gt)) & kept[:, None, :]  # j sorts before i
+    rank = tf.reduce_sum(tf.cast(before, tf.int32), axis=2)
+    position = tail[:, None] + rank
+    slot = tf.broadcast_to(tf.range(self.b)[:, None], position.shape)
+    index = tf.boolean_mask(tf.stack([slot, position], axis=-1), kept)
+    queue = tf.tensor_scatter_nd_update(queue, index, tf.boolean_mask(off[:, None, :] + moves, kept))
+    tail = tail + tf.reduce_sum(tf.cast(kept, tf.int32), axis=1)
+    off_next, found, state = self._pop(queue, head, tail, visited)
+    # An example that has ended stays ended (its queue is empty, nothing was added).
+    return off_next, found & active, state
 
 
 class WorkerInputTrainer:
@@ -349,6 +494,7 @@ class WorkerInputTrainer:
                            trainer.cfg.shuffle_moves)
     self.fov = InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
     self.next_index = int(trainer.examples_taken.numpy())  # next stream position to hand out
+    self.iterator = iter(coordinator.create_per_worker_dataset(self.volumes.dataset))
 
   def save(self) -> str:
     """Saves a checkpoint whose ``examples_taken`` is the next stream position to hand out."""
@@ -363,11 +509,10 @@ class WorkerInputTrainer:
     trainer, cfg = self.trainer, self.trainer.cfg
     handlers = {s: signal.signal(s, trainer._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     writer = tf.summary.create_file_writer(cfg.train_dir)
-    iterator = iter(self.coordinator.create_per_worker_dataset(self.volumes.dataset))
     step0 = finished = int(trainer.step.numpy())
     _log.info("worker input: %d volume(s) on each worker, stream from example %d, step %d",
               len(self.volumes.names), self.next_index, step0)
-    cap = len(self.planner.shifts)
+    cap = self.fov.max_visits
     in_flight: collections.deque = collections.deque()
     reserved, losses, steps_logged = 0, [], 0
     t_start = t_log = t_ckpt = time.monotonic()
@@ -380,7 +525,7 @@ class WorkerInputTrainer:
           args = [tf.constant(v) for v in self.planner.plan(self.next_index).values()]
           self.next_index += cfg.batch_size
           in_flight.append((self.coordinator.schedule(
-              self.fov.train_examples, args=(iterator, *args, tf.constant(budget, tf.int64))), budget))
+              self.fov.train_examples, args=(self.iterator, *args, tf.constant(budget, tf.int64))), budget))
           reserved += budget
         if not in_flight:
           break
