@@ -500,6 +500,7 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
   figures: list[Block] = []
   unavailable: list[list[str]] = []
   taken: set[str] = set()
+  preview_paths: dict[str, str] = {}  # result label (or "groundtruth") -> report/<name>.png
   try:
     if gt is not None:
       gt.check_covers(region)
@@ -509,6 +510,7 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
           image.planes(region, centre), planes, region, centre, resolution))
       figures.append(Block("image", text="ground truth: region start "
                            f"{region.start.tolist()} size {region.size.tolist()} (x,y,z)", image=name))
+      preview_paths["groundtruth"] = f"report/{name}"
     labels_seen: set[str] = set()
     for item in items:
       label = item.label if item.label not in labels_seen else f"{item.stage} {item.label}"
@@ -551,6 +553,7 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
       images[name] = previews.png_bytes(previews.plane_preview(
           image.planes(box, at), planes, box, at, resolution))
       figures.append(Block("image", text=caption, image=name))
+      preview_paths[label] = f"report/{name}"
   finally:
     image.close()
     if gt is not None:
@@ -561,7 +564,7 @@ def write_report(run_dir: str | os.PathLike, block_size_xyz: Sequence[int] = (25
             "image": plan.get("image"), "groundtruth": gt_spec,
             "region": {"start": region.start.tolist(), "size": region.size.tolist()},
             "block_size": list(block), "scores": scores, "stats": stats, "stages": stage_rows,
-            "previews": {b.text: f"report/{b.image}" for b in figures},
+            "previews": preview_paths,
             "not_available": [{"result": r[0], "stage": r[1], "why": r[2]} for r in unavailable]}
   sections = _sections(run, plan, report, figures, unavailable, extra)
   title = f"FFN pipeline report: {run.name}"
