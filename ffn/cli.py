@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ffn.inference.serve", "serve a folder over HTTP with CORS headers (for Neuroglancer)"),
     "dvid": ("ffn.dvid.cli", "DVID: upload a segmentation as supervoxels, post an agglomeration's merges"),
     "demo": ("ffn.demo", "end-to-end demo on the shipped FIB-25 sample"),
-    "pipeline": ("ffn.pipeline.cli", "raw volume -> agglomerated segmentation from one TOML file: the stages as dependent Slurm job arrays (run | status)"),
+    "pipeline": ("ffn.pipeline.cli", "raw volume -> agglomerated segmentation from one TOML file: the stages as dependent Slurm job arrays (run | status | report)"),
     "reseg": ("ffn.reseg.cli", "FFN-guided resegmentation: pairs, run, analyze, agglomerate, queue"),
     "secgan": ("secgan.cli", "SECGAN domain transfer: train | transfer | slurm_train (segmentation-enhanced CycleGAN)"),
 }

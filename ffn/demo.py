@@ -1,15 +1,18 @@
-"""End-to-end demo on the shipped FIB-25 sample (``ffn demo``, README command 1).
+"""End-to-end demo on the shipped FIB-25 sample (``ffn demo``, README command 1): the pipeline.
 
 1. prepare training data (``ffn prepare``: stats, partitions, coordinates);
-2. segment google/ffn's 100^3 benchmark box with Google's pretrained FIB-25 model, as a cluster job
-   (Slurm when a controller answers, else a local subprocess -- ``--cluster``);
-3. score the result against the body ground truth (``ffn evaluate``) next to google/ffn's own
-   figures for the same box;
-4. export the segmentation to HDF5 and to a Neuroglancer precomputed folder (view it with
-   ``ffn serve``), and write a PNG preview of orthogonal slices with the segmentation overlaid on
-   the image (``ffn export``).
+2. run ``ffn pipeline`` on google/ffn's 100^3 benchmark box with Google's pretrained FIB-25 model
+   (Slurm when a controller answers, else local subprocesses -- ``--cluster``): forward inference
+   in float32 (one chunk: google's own run of that box), stitch, FFN-guided resegmentation
+   (bfloat16, google's radius 24, analysis radius 8) of the pairs touching over at least
+   ``RESEG_MIN_AREA`` voxel faces, agglomeration (google's rule), exports, report;
+3. score the forward result against the body ground truth (``ffn evaluate``) next to google/ffn's
+   own figures for the same box, then the scores of every stage from the report;
+4. the README's paths: ``segmentation/`` (the forward result in google's layout),
+   ``segmentation.h5`` (the agglomerated segmentation), ``neuroglancer/`` (view it with
+   ``ffn serve``), ``preview.png`` -- links into the pipeline's run directory ``pipeline/``.
 
-Every step resumes: finished outputs are kept (a finished segmentation submits no job), an
+Every step resumes: finished outputs are kept (a finished pipeline submits no job), an
 interrupted inference continues from its checkpoint. All paths printed at the end.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -31,12 +35,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data" / "fib25"
 REQUEST_TEMPLATE = REPO_ROOT / "configs" / "inference_training_sample2.pbtxt"
 # google/ffn's benchmark box: start (75, 75, 75) of the full volume = (25, 25, 25) of the crop.
-DEMO_BOX = "start { x: 25 y: 25 z: 25 } size { x: 100 y: 100 z: 100 }"
+DEMO_START, DEMO_SIZE = (25, 25, 25), (100, 100, 100)
 # google/ffn's own code on that box (same model and options), scored like ours: natural log,
 # ground-truth background ignored, unsegmented voxels one label. Its "24 objects" count that
 # label too; its Rand error is the adapted one (1 - Rand F-score).
 GOOGLE_SCORES = {"vi_split": 0.597, "vi_merge": 0.711, "adapted_rand_error": 0.198,
                  "labels_with_unsegmented": 24, "fraction_unsegmented": 0.237}
+# The demo's resegmentation: google's radius, and only the pairs with large contacts (15 of the
+# box's 93 pairs) to keep it to a minute or so: a point costs ~5 s in bfloat16 on a 2-core CPU.
+# (A radius of 20 costs a quarter of that but merged wrongly: precision 0.55 here.)
+RESEG_RADIUS, ANALYSIS_RADIUS, RESEG_MIN_AREA = (24, 24, 24), (8, 8, 8), 500
 
 
 def _cli(argv: list[str]) -> int:
@@ -73,32 +81,66 @@ def normalisation_note(request_path: Path, sample_mean: float, sample_stddev: fl
           f"step 1 are the flags for training a new model on it")
 
 
-def run_inference_job(request_path: str, bounding_box: str, compute_dtype: str) -> int:
-  """The cluster job: ``ffn run_inference`` (runs in the job's own process)."""
-  status = _cli(["run_inference", "--inference_request", request_path,
-                 "--bounding_box", bounding_box, "--compute_dtype", compute_dtype])
-  if status != 0:
-    raise RuntimeError(f"run_inference exited with status {status}")
-  return status
+def pipeline_config(out: Path, request_path: Path, args: argparse.Namespace) -> str:
+  """The demo's pipeline TOML (absolute paths; run directory ``out/pipeline``)."""
+  def q(text: str) -> str:
+    return json.dumps(str(text))  # a TOML basic string
+
+  sample = SAMPLE_DIR / "training_sample2_crop.h5"
+  lines = [
+      "# written by `ffn demo`: google's 100^3 box of the shipped sample through the pipeline",
+      "[run]", f"run_dir = {q(out / 'pipeline')}", f"cluster = {q(args.cluster)}",
+      f"job_name = {q(args.slurm_job_name)}",
+      *([f"account = {q(args.slurm_account)}"] if args.slurm_account else []),
+      *([f"qos = {q(args.slurm_qos)}"] if args.slurm_qos else []),
+      f"setup = [{', '.join(q(line) for line in args.slurm_setup)}]",
+      "[image]", f"spec = {q(f'{sample}:raw')}",
+      "[groundtruth]", f"spec = {q(f'{sample}:stack')}",
+      "[model]", f"checkpoint = {q(SAMPLE_DIR / 'model' / 'model.ckpt-27465036')}",
+      "[region]", f"start = {list(DEMO_START)}", f"size = {list(DEMO_SIZE)}",
+      "[inference]", f"request = {q(request_path)}", f"compute_dtype = {q(args.compute_dtype)}",
+      "[reseg]", f"radius = {list(RESEG_RADIUS)}", f"analysis_radius = {list(ANALYSIS_RADIUS)}",
+      'compute_dtype = "bfloat16"', "points_per_item = 4", f"min_area = {RESEG_MIN_AREA}",
+      "[resources.reseg_run]", "num_tasks = 2",
+  ]
+  for table, cpus in (("gpu", args.slurm_cpus_per_task), ("cpu", 1)):
+    lines += [f"[resources.{table}]", f"cpus = {cpus}", f"time_min = {args.slurm_time_min}"]
+    if args.slurm_mem_gb is not None:
+      lines.append(f"mem_gb = {args.slurm_mem_gb:g}")
+    if args.slurm_partition:
+      lines.append(f"partition = {q(args.slurm_partition)}")
+  return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from slurm.executor import add_slurm_arguments
   parser.add_argument("--output_dir", default="demo_output", help="where everything goes")
-  parser.add_argument("--bounding_box", default=DEMO_BOX,
-                      help="inference box in sample coordinates, x,y,z (default: google's 100^3 box)")
   parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="network arithmetic (bfloat16: faster on CPUs with AVX512-BF16/AMX)")
+                      help="forward inference arithmetic (float32: google's figures; bfloat16: "
+                           "faster on CPUs with AVX512-BF16/AMX)")
   add_slurm_arguments(parser)
   # TensorFlow uses every core it is given; a laptop has at least two.
   parser.set_defaults(slurm_cpus_per_task=2, slurm_job_name="ffn-demo")
 
 
+def _link(link: Path, target: str) -> Path:
+  """``link`` -> ``target`` (relative); an older demo's real file or folder there is an error."""
+  relative = os.path.relpath(target, link.parent)
+  if link.is_symlink():
+    if os.readlink(link) == relative:
+      return link
+    link.unlink()
+  elif link.exists():
+    raise FFNError(f"{link}: exists from an older demo (not a link into pipeline/); remove it or "
+                   "use another --output_dir")
+  link.symlink_to(relative)
+  return link
+
+
 def run(args: argparse.Namespace) -> int:
   from ffn.data.prepare import REPO_SAMPLE, prepare
-  from ffn.inference.request import parse_bounding_box
-  from ffn.inference.storage import existing_segmentation_path, segmentation_path
-  from slurm.executor import SlurmOptions, make_executor, submit_array, wait_all
+  from ffn.pipeline.run import run_pipeline
+  from ffn.pipeline.stages import read_json
 
   out = Path(args.output_dir).absolute()
   out.mkdir(parents=True, exist_ok=True)
@@ -108,50 +150,51 @@ def run(args: argparse.Namespace) -> int:
   print("[1/4] preparing training data from the sample ...", flush=True)
   prepared = prepare(f"{REPO_SAMPLE}:raw", f"{REPO_SAMPLE}:stack", str(out / "prepare"))
 
-  print("[2/4] segmenting with Google's pretrained FIB-25 model ...", flush=True)
-  box = parse_bounding_box(args.bounding_box)
+  print("[2/4] the pipeline: segment with Google's pretrained FIB-25 model, stitch, resegment, "
+        "agglomerate, export, report ...", flush=True)
   request_path = write_demo_request(out)
   print(normalisation_note(request_path, prepared.image_mean, prepared.image_stddev), flush=True)
-  corner_zyx = tuple(reversed(box.start.tolist()))
-  seg_file = existing_segmentation_path(str(out / "segmentation"), corner_zyx)
-  if seg_file is not None:
-    print(f"  {seg_file} exists: not submitting a job (delete it to segment again)", flush=True)
-    log_root = out / "jobs" / "logs"
-  else:
-    executor = make_executor(SlurmOptions.from_args(args), out / "jobs")
-    jobs = submit_array(executor, run_inference_job,
-                        [(str(request_path), args.bounding_box, args.compute_dtype)])
-    wait_all(jobs)
-    log_root = executor.log_root
-    seg_file = segmentation_path(str(out / "segmentation"), corner_zyx)
+  config = out / "pipeline.toml"
+  write_text_atomic(config, pipeline_config(out, request_path, args))
+  if run_pipeline(str(config), wait=True, poll_s=2.0) != 0:
+    raise FFNError(f"the pipeline failed: see `ffn pipeline status {out / 'pipeline'}`")
+  plan = read_json(out / "pipeline" / "plan.json") or {}
+  outputs = {s["name"]: s["outputs"] for s in plan["stages"]}
 
   print("[3/4] scoring against the ground truth ...", flush=True)
+  forward_dir = _link(out / "segmentation", outputs["inference"]["chunks_dir"])
+  seg_file = str(forward_dir / "25" / "25" / "seg-25_25_25.npz")
   scores_path = out / "scores.json"
   if _cli(["evaluate", "--segmentation", seg_file, "--groundtruth", f"{REPO_SAMPLE}:stack",
            "--output_json", str(scores_path)]) != 0:
     raise FFNError("evaluation failed")
   scores = json.loads(scores_path.read_text())
   scores["labels_with_unsegmented"] = scores["segments"] + (scores["fraction_unsegmented"] > 0)
-  print(f"  {'':24s} {'ours':>8s} {'google/ffn':>10s}")
+  print(f"  forward inference   {'ours':>8s} {'google/ffn':>10s}")
   for key, reference in GOOGLE_SCORES.items():
     ours, fmt = scores[key], ".3f" if isinstance(reference, float) else "d"
     print(f"  {key:24s} {int(ours) if fmt == 'd' else ours:8{fmt}} {reference:10{fmt}}")
+  report = read_json(out / "pipeline" / "report.json") or {}
+  print(f"  per stage (report): {'VI split':>9s} {'VI merge':>9s} {'adapted RE':>11s} {'objects':>8s}")
+  for label, s in report.get("scores", {}).items():
+    if isinstance(s, dict) and "adapted_rand_error" in s:
+      print(f"  {label:19s} {s['vi_split']:9.3f} {s['vi_merge']:9.3f} "
+            f"{s['adapted_rand_error']:11.4f} {s['segments']:8d}")
 
-  print("[4/4] exporting HDF5 and the preview ...", flush=True)
-  preview, seg_h5 = out / "preview.png", f"{out / 'segmentation.h5'}:seg"
-  viewer = out / "neuroglancer"
-  if _cli(["export", "--segmentation", seg_file, "--format", "h5", "--output", seg_h5,
-           "--image", f"{REPO_SAMPLE}:raw", "--preview", str(preview)]) != 0 or \
-      _cli(["export", "--segmentation", seg_file, "--format", "precomputed", "--output", str(viewer),
-            "--image", f"{REPO_SAMPLE}:raw"]) != 0:
-    raise FFNError("export failed")
+  print("[4/4] the README's paths ...", flush=True)
+  export = outputs["export"]
+  seg_h5 = _link(out / "segmentation.h5",
+                 export["files"]["segmentation (HDF5)"].rpartition(":")[0])
+  preview = _link(out / "preview.png", export["files"]["preview"])
+  viewer = _link(out / "neuroglancer", export["neuroglancer"])
 
   print("\ndemo outputs:")
   for name, path in [("image stats", prepared.stats_json), ("partitions", prepared.partitions),
                      ("coordinates", prepared.coordinates), ("request", request_path),
-                     ("segmentation", seg_file), ("as HDF5", seg_h5), ("scores", scores_path),
-                     ("preview", preview), ("neuroglancer", viewer),
-                     ("job logs", log_root)]:
+                     ("pipeline", config), ("segmentation", seg_file),
+                     ("agglomerated", f"{seg_h5}:seg"), ("scores", scores_path),
+                     ("report", out / "pipeline" / "report.html"), ("preview", preview),
+                     ("neuroglancer", viewer), ("job logs", out / "pipeline" / "stages")]:
     print(f"  {name:13s} {path}")
   print(f"\nview it in Neuroglancer: ffn serve {viewer}  (then open the link it prints)")
   return 0

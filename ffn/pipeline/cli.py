@@ -2,6 +2,7 @@
 
   ffn pipeline run configs/pipeline_example.toml [--dry_run] [--force_from STAGE] [--wait]
   ffn pipeline status runs/example [--watch] [--interval_s 30]
+  ffn pipeline report runs/example          (re)write report.html / report.md / report.json
 
 ``run`` plans every stage (see :mod:`ffn.pipeline.plan`), refuses a config change that would
 invalidate begun or finished stages (one line naming the key), and submits: on Slurm the whole DAG
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("run_dir", help="the run directory (run.run_dir of the config)")
   p.add_argument("--watch", action="store_true", help="refresh until every stage is done or failed")
   p.add_argument("--interval_s", type=float, default=30.0, help="refresh interval for --watch")
+  from ffn.pipeline import report
+  report.add_arguments(sub.add_parser("report", help="(re)write the run's report (HTML, Markdown, "
+                                                     "JSON scores)"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
   if args.action == "run":
     from ffn.pipeline.run import run_pipeline
     return run_pipeline(args.config, args.dry_run, args.force_from, args.wait, args.poll_s)
+  if args.action == "report":
+    from ffn.pipeline import report
+    return report.run(args)
   while True:
     statuses = stage_statuses(args.run_dir)
     print("\n".join(status_table(statuses)), flush=True)

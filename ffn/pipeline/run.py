@@ -181,6 +181,10 @@ def run_pipeline(config_path: str, dry_run: bool = False, force_from: str | None
     print(f"every stage is done: {run_dir}")
     return 0
   if cluster == "slurm":
+    if not todo:
+      print(f"nothing to submit: {sum(v == 'live' for v in decision.values())} stages queued or "
+            f"running; follow with: ffn pipeline status {run_dir}")
+      return wait_pipeline(run_dir, poll_s) if wait else 0
     _submit_slurm(c, run_dir, stages, todo, records)
     print(f"submitted {sum(len(s.phases) for s in todo)} job arrays for {len(todo)} stages; "
           f"follow with: ffn pipeline status {run_dir}")

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import submitit
 
 from ffn.axes import BoundingBox, xyz_to_zyx
@@ -548,10 +547,12 @@ class PhaseTask(submitit.helpers.Checkpointable):
       self._inner = ArrayTask(str(ctx.dir(self.stage) / f"_{self.phase}"), worker)
       self._inner(self.submission, index, [item.to_json() for item in share])
     except BaseException as e:
+      lines = str(e).strip().splitlines()
+      error = f"{self.phase} task {index}: {type(e).__name__}: {lines[0] if lines else ''}"
+
       def failed(data: dict[str, Any]) -> None:
-        data["state"] = "failed"
-        data["error"] = f"{self.phase} task {index}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        data["tasks"] = _count_tasks(self.run_dir, entry, self.submission)
+        data.update(state="failed", error=error,
+                    tasks=_count_tasks(self.run_dir, entry, self.submission))
       update_stage(self.run_dir, self.stage, failed)
       raise
     last = entry["phases"][-1]["name"] == self.phase
