@@ -128,22 +128,22 @@ def part_pipeline(args) -> None:
           source.example(i)
         dt = time.perf_counter() - t0
         rows.append((name, "patch by patch" if lazy else "in memory", n / dt))
-    # The worker-side build of --async_input worker: gathers from the flat in-memory volumes.
+    # The worker-side build of --async_input worker: slices of the in-memory volumes.
     cfg = _config(tmp, str(tmp / "plain.h5"), tmp / "td")
     trainer = Trainer(cfg)
     source = trainer.make_source()
     vols = wi.WorkerVolumes(source, str(tmp / "cache"))
     planner = wi.Planner(source, vols, 4, trainer.model.deltas, True)
     fov = wi.InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
-    image_flat, label_flat = next(iter(vols.dataset()))
-    build = tf.function(lambda *a: fov.examples(image_flat, label_flat, *a))
+    volumes_3d = next(iter(vols.dataset()))
+    build = tf.function(lambda *a: fov.examples(*volumes_3d, *a))
     plans = [[tf.constant(v) for v in list(planner.plan(4 * i).values())[:5]] for i in range(n // 4 + 1)]
     build(*plans[0])
     t0 = time.perf_counter()
     for p in plans[1:]:
       build(*p)
     dt = time.perf_counter() - t0
-    rows.append(("worker input: in-graph gather (any source)", "in memory (worker)",
+    rows.append(("worker input: in-graph slices (any source)", "in memory (worker)",
                  4 * (len(plans) - 1) / dt))
   print(f"\n49^3 examples (fib25 model, fixed policy), one thread, {n} examples each:")
   print("| volume | read | examples/s |\n|---|---|---|")

@@ -61,14 +61,15 @@ def test_volumes_in_place_and_copied(volumes, tmp_path):
   for h5 in ("plain.h5", "gzip.h5"):
     trainer = Trainer(_config(volumes, tmp_path / h5, h5))
     vols = wi.WorkerVolumes(trainer.make_source(), str(tmp_path / "cache"))
-    flat.append([t.numpy() for t in next(iter(vols.dataset()))])
+    images, labels = next(iter(vols.dataset()))
+    flat.append([images[0].numpy(), labels[0].numpy()])
     if h5 == "plain.h5":
       assert vols.images[0].path == str(volumes / "plain.h5") and vols.images[0].offset > 0
     else:
       assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["image", "labels"]
   with h5py.File(volumes / "plain.h5", "r") as f:
-    np.testing.assert_array_equal(flat[0][0], f["raw"][:].astype(np.float32).ravel())
-    np.testing.assert_array_equal(flat[0][1], f["stack"][:].ravel())
+    np.testing.assert_array_equal(flat[0][0], f["raw"][:].astype(np.float32))
+    np.testing.assert_array_equal(flat[0][1], f["stack"][:])
   for a, b in zip(*flat):
     np.testing.assert_array_equal(a, b)
 
@@ -81,10 +82,10 @@ def test_examples_equal_the_eager_stream(volumes, tmp_path):
   vols = wi.WorkerVolumes(source, str(tmp_path / "cache"))
   fov = wi.InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
   planner = wi.Planner(source, vols, 4, trainer.model.deltas, True)
-  image_flat, label_flat = next(iter(vols.dataset()))
+  volumes_3d = next(iter(vols.dataset()))
   for first in (0, 4, 8):
     plan = planner.plan(first)
-    images, labels = fov.examples(image_flat, label_flat, *_plan_tensors(plan)[:5])
+    images, labels = fov.examples(*volumes_3d, *_plan_tensors(plan)[:5])
     for i in range(4):
       want_image, want_labels = source.example(first + i)
       np.testing.assert_array_equal(images[i].numpy(), want_image)

@@ -5,16 +5,15 @@ coordinator builds every batch in Python and ships it to a worker (x, labels and
 about 2.3 MB per step for batch 4 at a 33^3 FOV), blocking on each worker's previous result. Here
 the coordinator only schedules:
 
-* **Volumes on the workers.** Each worker holds every image and label volume in memory as one
-  flat float32 image and one flat int64 label tensor, the single element (repeated) of its
-  per-worker ``tf.data`` dataset (``ClusterCoordinator.create_per_worker_dataset``), read from
+* **Volumes on the workers.** Each worker holds every image (as float32) and label volume (as
+  int64) in memory, the single element (repeated) of its per-worker ``tf.data`` dataset (``ClusterCoordinator.create_per_worker_dataset``), read from
   disk by the worker itself: an uncompressed, contiguous HDF5 dataset of a dtype ``tf.io.decode_raw``
   reads is read in place; any other volume (gzip/chunked HDF5, TensorStore, slice stacks) is
   written once by the coordinator as a raw copy into ``<train_dir>/worker_volumes/`` (named by a
   hash of its spec, shape, dtype and file stamp; reused on resume), so the ``--train_dir`` that
   every node must see already suffices.
 * **Scheduling.** The coordinator keeps the example stream of :class:`ExampleSource` by index:
-  per example it sends the box (flat corner and strides of its volume), the normalisation, the
+  per example it sends the box (volume and z,y,x corner), the normalisation, the
   axis permutation/reflection (the same per-index RNG ``(seed, 1, index)`` as the eager path) and
   the move order (``(seed, 2, index)``), about 400 bytes per example, and keeps up to two calls in
   flight per worker.
@@ -144,12 +143,11 @@ class WorkerVolumes:
           array = src.array if src.array is not None else src.volume.read_all()
           raw = _cached(src.volume.spec, array, kind, cache_dir)
         out.append(raw)
-    sizes = [int(np.prod(v.shape)) for v in self.images]
-    self.bases = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist()))
-    self.shapes = {n: v.shape for n, v in zip(self.names, self.images)}
+    self.index = {n: i for i, n in enumerate(self.names)}
 
   def dataset(self):
-    """The per-worker dataset: one element (flat float32 image, flat int64 labels), repeated."""
+    """The per-worker dataset: one element (images float32, labels int64: tuples of z,y,x
+    volumes in ``names`` order), repeated."""
     import tensorflow as tf
 
     def read(v: RawVolume, out_dtype) -> tf.Tensor:
@@ -157,11 +155,11 @@ class WorkerVolumes:
           v.path, record_bytes=v.nbytes, header_bytes=v.offset,
           footer_bytes=v.file_size - v.offset - v.nbytes)
       raw = tf.io.decode_raw(records.get_single_element(), tf.as_dtype(np.dtype(v.dtype)))
-      return tf.cast(raw, out_dtype)
+      return tf.reshape(tf.cast(raw, out_dtype), v.shape)
 
-    image = tf.concat([read(v, tf.float32) for v in self.images], 0)
-    labels = tf.concat([read(v, tf.int64) for v in self.labels], 0)
-    return tf.data.Dataset.from_tensors((image, labels)).repeat()
+    images = tuple(read(v, tf.float32) for v in self.images)
+    labels = tuple(read(v, tf.int64) for v in self.labels)
+    return tf.data.Dataset.from_tensors((images, labels)).repeat()
 
 
 def augment_params(rng: np.random.Generator, permutable_axes: Sequence[int],
@@ -203,18 +201,16 @@ class Planner:
     out: dict[str, list] = collections.defaultdict(list)
     for index, row in zip(range(first, first + self.batch_size), rows):
       name = src.names[row]
-      _, sy, sx = vols.shapes[name]
-      x0, y0, z0 = (int(v) for v in src.starts_xyz[row])
-      out["flat_start"].append(vols.bases[name] + (z0 * sy + y0) * sx + x0)
-      out["strides"].append((sy * sx, sx, 1))
+      out["volume"].append(vols.index[name])
+      out["start"].append(src.starts_xyz[row][::-1])
       perm, flips = augment_params(np.random.default_rng([src.seed, 1, index]),
                                    src.permutable_axes, src.reflectable_axes)
       out["perm"].append(perm)
       out["flips"].append(flips)
       out["offset_scale"].append(src.offset_scale[name])
       out["moves"].append(self.moves_zyx(index))
-    return {"flat_start": np.array(out["flat_start"], np.int64),
-            "strides": np.array(out["strides"], np.int64),
+    return {"volume": np.array(out["volume"], np.int32),
+            "start": np.array(out["start"], np.int32),
             "perm": np.array(out["perm"], np.int32), "flips": np.array(out["flips"], bool),
             "offset_scale": np.array(out["offset_scale"], np.float32),
             "moves": np.stack(out["moves"])}
@@ -241,33 +237,36 @@ class InGraphFov:
       self.max_visits = 1 + len(fov_shifts(trainer.model.deltas))
     self.train_examples = tf.function(self._call)
 
-  def examples(self, image_flat, label_flat, flat_start, strides, perm, flips, offset_scale):
-    """(image [b,z,y,x] normalised, soft labels [b,z,y,x]) float32, as ExampleSource.example."""
+  def examples(self, images, labels, volume, start, perm, flips, offset_scale):
+    """(image [b,z,y,x] normalised, soft labels [b,z,y,x]) float32, as ExampleSource.example.
+
+    ``images``/``labels``: the per-worker dataset's volumes; ``volume`` [b] and ``start`` [b, 3]
+    (z,y,x): each example's volume and patch corner."""
     import tensorflow as tf
     pz, py, px = self.patch
-    grid = (tf.range(pz, dtype=tf.int64)[:, None, None, None],
-            tf.range(py, dtype=tf.int64)[None, :, None, None],
-            tf.range(px, dtype=tf.int64)[None, None, :, None])
-    s = tf.transpose(strides)  # [3, b]
-    idx = tf.transpose(flat_start + grid[0] * s[0] + grid[1] * s[1] + grid[2] * s[2], [3, 0, 1, 2])
-    image = tf.gather(image_flat, idx)
+
+    def box(volumes, i):
+      return tf.switch_case(volume[i], [lambda v=v: tf.slice(v, start[i], self.patch) for v in volumes])
+
+    b = self.cfg.batch_size
+    image = tf.stack([box(images, i) for i in range(b)])
     image = ((image - offset_scale[:, 0, None, None, None])
              / offset_scale[:, 1, None, None, None])
-    labels = tf.gather(label_flat, idx)
+    labels = tf.stack([box(labels, i) for i in range(b)])
     centre = labels[:, pz // 2, py // 2, px // 2, None, None, None]
     soft = tf.where((labels == centre) & (labels > 0), tf.constant(0.95, tf.float32),
                     tf.constant(0.05, tf.float32))
-    images, softs = [], []
-    for i in range(self.cfg.batch_size):
+    out_images, softs = [], []
+    for i in range(b):
       a, lab = tf.transpose(image[i], perm[i]), tf.transpose(soft[i], perm[i])
       for axis in range(3):
         a = tf.where(flips[i, axis], tf.reverse(a, [axis]), a)
         lab = tf.where(flips[i, axis], tf.reverse(lab, [axis]), lab)
       a.set_shape(self.patch)
       lab.set_shape(self.patch)
-      images.append(a)
+      out_images.append(a)
       softs.append(lab)
-    return tf.stack(images), tf.stack(softs)
+    return tf.stack(out_images), tf.stack(softs)
 
   def _step(self, x, labels, weights):
     """One training step on the active examples (``weights`` 1/0); returns (logits, loss)."""
@@ -286,19 +285,16 @@ class InGraphFov:
     t.step.assign_add(1)
     return logits, loss
 
-  def _call(self, iterator, flat_start, strides, perm, flips, offset_scale, moves, budget):
-    image_flat, label_flat = next(iterator)
+  def _call(self, iterator, volume, start, perm, flips, offset_scale, moves, budget):
+    images, labels = next(iterator)
     return self.trainer.strategy.run(
-        self._loop, args=(image_flat, label_flat, flat_start, strides, perm, flips, offset_scale,
-                          moves, budget))
+        self._loop, args=(images, labels, volume, start, perm, flips, offset_scale, moves, budget))
 
-  def _loop(self, image_flat, label_flat, flat_start, strides, perm, flips, offset_scale, moves,
-            budget):
+  def _loop(self, images, labels, volume, start, perm, flips, offset_scale, moves, budget):
     """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
     import tensorflow as tf
     b = self.cfg.batch_size
-    image, soft = self.examples(image_flat, label_flat, flat_start, strides, perm, flips,
-                                offset_scale)
+    image, soft = self.examples(images, labels, volume, start, perm, flips, offset_scale)
     half = tf.constant([s // 2 for s in self.patch], tf.int32)
     fov_half = tf.constant([f // 2 for f in self.fov], tf.int32)
     policy = (_MaxPredPolicy(self) if self.cfg.fov_policy == "max_pred_moves"
