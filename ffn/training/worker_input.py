@@ -249,24 +249,19 @@ class InGraphFov:
       return tf.switch_case(volume[i], [lambda v=v: tf.slice(v, start[i], self.patch) for v in volumes])
 
     b = self.cfg.batch_size
-    image = tf.stack([box(images, i) for i in range(b)])
-    image = ((image - offset_scale[:, 0, None, None, None])
-             / offset_scale[:, 1, None, None, None])
-    labels = tf.stack([box(labels, i) for i in range(b)])
-    centre = labels[:, pz // 2, py // 2, px // 2, None, None, None]
-    soft = tf.where((labels == centre) & (labels > 0), tf.constant(0.95, tf.float32),
-                    tf.constant(0.05, tf.float32))
-    out_images, softs = [], []
+    out = []
     for i in range(b):
-      a, lab = tf.transpose(image[i], perm[i]), tf.transpose(soft[i], perm[i])
-      for axis in range(3):
-        a = tf.where(flips[i, axis], tf.reverse(a, [axis]), a)
-        lab = tf.where(flips[i, axis], tf.reverse(lab, [axis]), lab)
-      a.set_shape(self.patch)
-      lab.set_shape(self.patch)
-      out_images.append(a)
-      softs.append(lab)
-    return tf.stack(out_images), tf.stack(softs)
+      image = (box(images, i) - offset_scale[i, 0]) / offset_scale[i, 1]
+      labels_i = box(labels, i)
+      soft = tf.where((labels_i == labels_i[pz // 2, py // 2, px // 2]) & (labels_i > 0),
+                      tf.constant(0.95, tf.float32), tf.constant(0.05, tf.float32))
+      # np.transpose(a, perm) then np.flip over the flipped axes, both arrays in one go.
+      pair = tf.transpose(tf.stack([image, soft]), tf.concat([[0], perm[i] + 1], 0))
+      pair = tf.reverse(pair, tf.boolean_mask(tf.range(1, 4), flips[i]))
+      pair.set_shape((2,) + self.patch)
+      out.append(pair)
+    out = tf.stack(out)
+    return out[:, 0], out[:, 1]
 
   def _step(self, x, labels, weights):
     """One training step on the active examples (``weights`` 1/0); returns (logits, loss)."""
@@ -294,7 +289,8 @@ class InGraphFov:
     """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
     import tensorflow as tf
     b = self.cfg.batch_size
-    image, soft = self.examples(images, labels, volume, start, perm, flips, offset_scale)
+    with tf.device("/device:CPU:0"):  # where the volumes are; only the patches go to a GPU
+      image, soft = self.examples(images, labels, volume, start, perm, flips, offset_scale)
     half = tf.constant([s // 2 for s in self.patch], tf.int32)
     fov_half = tf.constant([f // 2 for f in self.fov], tf.int32)
     policy = (_MaxPredPolicy(self) if self.cfg.fov_policy == "max_pred_moves"
