@@ -247,10 +247,14 @@ class DispatchBench(DistributedTraining):
 
 
 def _submit(job: DistributedTraining, tasks: int, folder: Path) -> None:
+  """Runs ``job`` as ``tasks`` Slurm tasks on one node, however many CPUs it has: a one-CPU
+  allocation whose job step starts ``tasks`` tasks (``srun --ntasks --overcommit``); the local
+  cluster does not pin tasks to CPUs (TaskPlugin task/none), so all share the machine's cores."""
   from slurm.executor import SlurmOptions, make_executor
-  options = SlurmOptions(cluster="slurm", tasks_per_node=tasks, cpus_per_task=1, mem_gb=12,
+  options = SlurmOptions(cluster="slurm", tasks_per_node=1, cpus_per_task=1, mem_gb=12,
                          time_min=20, extra={"overcommit": True})
   executor = make_executor(options, str(folder))
+  executor.update_parameters(slurm_srun_args=[f"--ntasks={tasks}", "--overcommit"])
   j = executor.submit(job)
   while not j.done():
     time.sleep(2)

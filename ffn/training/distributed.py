@@ -59,8 +59,10 @@ sharing a node differ.
 Preemption: submitit asks Slurm for ``USR2`` 90 s before the time limit (and ``scancel --signal
 USR2`` simulates a preemption); task 0 then calls :meth:`DistributedTraining.checkpoint`, which
 saves a checkpoint and resubmits the same callable, and Slurm requeues the job: the new run
-resumes from the latest checkpoint in ``--train_dir``. ``SIGTERM`` saves and stops (status 3);
-``SIGUSR1`` to all tasks (``scancel --signal USR1 <job>``) saves and continues.
+resumes from the latest checkpoint in ``--train_dir`` (with ``--async_input worker`` its
+``examples_taken`` is the next stream position the coordinator would have handed out).
+``SIGTERM`` saves and stops (status 3); ``SIGUSR1`` to all tasks (``scancel --signal USR1
+<job>``) saves and continues.
 ``--train_dir`` must be on a file system every node sees.
 """
 
