@@ -209,12 +209,13 @@ def test_slurm_stages_are_dependent_arrays_queued_at_once(demo):
     assert min(s for _, s, _ in tasks[after]) >= max(e for _, _, e in tasks[before]), (before, after)
 
 
-def test_rerun_of_finished_demo_submits_nothing(demo):
+def test_rerun_of_finished_demo_submits_nothing(demo, job_name):
   out, _, cluster = demo
   seg = out / "segmentation" / "25" / "25" / "seg-25_25_25.npz"
   before, jobs = seg.stat().st_mtime_ns, _job_dirs(out)
   assert jobs
-  status, printed = _run(["demo", "--output_dir", str(out), "--cluster", cluster])
+  status, printed = _run(["demo", "--output_dir", str(out), "--cluster", cluster,
+                          "--slurm_job_name", job_name])
   assert status == 0
   assert f"every stage is done: {out / 'pipeline'}" in printed
   assert _job_dirs(out) == jobs
@@ -250,8 +251,10 @@ def test_changed_config_is_refused_naming_the_key(demo, capsys):
                and line.split(":")[0] in STAGES}
   for name in STAGES[:4]:
     assert "done (skipped)" in decisions[name], decisions[name]
-  for name in STAGES[4:]:
-    assert "to submit" in decisions[name] and f"stages/{name}/g2/" in decisions[name]
+  generation = {s["name"]: s["generation"] for s in json.loads(plan.read_text())["stages"]}
+  for name in STAGES[4:]:  # a new generation: g2 after one run
+    assert "to submit" in decisions[name], decisions[name]
+    assert f"stages/{name}/g{generation[name] + 1}/" in decisions[name], decisions[name]
   assert plan.stat().st_mtime_ns == before
 
 
@@ -280,12 +283,26 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _point_arrays(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-  """Every point file's arrays (npz bytes hold zip time stamps; the arrays are the result)."""
+  """Every point file's results: its arrays but the request (which names the output folder,
+  g1 or g2) and the counters' times (npz bytes also hold zip time stamps)."""
   out = {}
   for path in sorted(folder.glob("*.npz")):
     with np.load(path, allow_pickle=True) as data:
-      out[path.name] = {key: data[key] for key in data.files}
+      arrays = {key: data[key] for key in data.files if key not in ("request", "counters")}
+      counters = json.loads(str(data["counters"]))
+    arrays["counts"] = np.array(sorted((k, v) for k, v in counters.items()
+                                       if not k.endswith("-time-ms")), dtype=object)
+    out[path.name] = arrays
   return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+  """Equal dtype, shape and values; object arrays (google's lists of arrays) element by element."""
+  if a.dtype != b.dtype or a.shape != b.shape:
+    return False
+  if a.dtype == object:
+    return all(_same(np.asarray(x), np.asarray(y)) for x, y in zip(a.ravel(), b.ravel()))
+  return bool(np.array_equal(a, b))
 
 
 def test_killed_task_then_rerun_reproduces_the_run(demo):
@@ -298,15 +315,20 @@ def test_killed_task_then_rerun_reproduces_the_run(demo):
   _slurm(demo)
   out = demo[0]
   runs = out / "pipeline" / "stages"
-  reference = {name: _files(runs / name / "g1") for name in ("reseg_analyze", "agglomerate")}
-  points = _point_arrays(runs / "reseg_run" / "g1" / "points")
+  plan = json.loads((out / "pipeline" / "plan.json").read_text())
+  g = {s["name"]: s["generation"] for s in plan["stages"]}  # 1 after one run
+  old = {name: runs / name / f"g{g[name]}" for name in g}
+  new = {name: runs / name / f"g{g[name] + 1}" for name in g}
+  reference = {name: _files(old[name]) for name in ("reseg_analyze", "agglomerate")}
+  assert "affinities.csv" in reference["reseg_analyze"] and "merges.csv" in reference["agglomerate"]
+  points = _point_arrays(old["reseg_run"] / "points")
   assert points
-  agglomerated = read_volume(f"{runs / 'agglomerate' / 'g1' / 'agglomerated_region.h5'}:seg")
+  agglomerated = read_volume(f"{old['agglomerate'] / 'agglomerated_region.h5'}:seg")
   config = str(out / "pipeline.toml")
   status, printed = _run(["pipeline", "run", config, "--force_from", "reseg_run"])
   assert status == 0, printed
   array = _stage(out, "reseg_run")["job_ids"][0]
-  tasks = runs / "reseg_run" / "g2" / "_points" / "tasks"
+  tasks = new["reseg_run"] / "_points" / "tasks"
   deadline = time.monotonic() + 300
   victim = None
   while victim is None:  # a task that finished some of its points and works on more
@@ -339,24 +361,24 @@ def test_killed_task_then_rerun_reproduces_the_run(demo):
   assert re.search(r"^reseg_run\s+failed\s", table, re.M), table
   assert re.search(r"^reseg_analyze\s+queued\*", table, re.M), table
   assert "DependencyNeverSatisfied" in table and f"failed: reseg_run/points (array {array})" in table
-  assert (runs / "agglomerate" / "g1" / "agglomerated_region.h5").exists()  # old outputs stay
+  assert (old["agglomerate"] / "agglomerated_region.h5").exists()  # old outputs stay
   status, printed = _run(["pipeline", "run", config, "--wait", "--poll_s", "2"])
   assert status == 0, printed
   assert _stage(out, "reseg_run")["job_ids"][0] != array
-  assert not (runs / "agglomerate" / "g1").exists() and not (runs / "reseg_run" / "g1").exists()
-  again = _point_arrays(runs / "reseg_run" / "g2" / "points")
+  assert not old["agglomerate"].exists() and not old["reseg_run"].exists()
+  assert old["reseg_pairs"].exists()  # upstream of --force_from: kept
+  again = _point_arrays(new["reseg_run"] / "points")
   assert sorted(again) == sorted(points)
   for name, arrays in points.items():
     assert sorted(again[name]) == sorted(arrays), name
     for key, value in arrays.items():
-      assert again[name][key].dtype == value.dtype and np.array_equal(again[name][key], value), \
-          (name, key)
+      assert _same(again[name][key], value), (name, key)
   for name, files in reference.items():
-    new = _files(runs / name / "g2")
+    redone = _files(new[name])
     for key in ("affinities.csv", "merges.csv", "mapping.csv", "merge_table.csv"):
       if key in files:
-        assert new[key] == files[key], (name, key)
-  labels = read_volume(f"{runs / 'agglomerate' / 'g2' / 'agglomerated_region.h5'}:seg")
+        assert redone[key] == files[key], (name, key)
+  labels = read_volume(f"{new['agglomerate'] / 'agglomerated_region.h5'}:seg")
   assert labels.dtype == agglomerated.dtype and np.array_equal(labels, agglomerated)
   status, table = _run(["pipeline", "status", str(out / "pipeline")])
   assert status == 0, table

@@ -535,7 +535,7 @@ class PhaseTask(submitit.helpers.Checkpointable):
     now = time.time()
 
     def running(data: dict[str, Any]) -> None:
-      if data["state"] != "done":
+      if data["state"] in ("pending", "queued"):  # a failed task of this submission stays failed
         data["state"] = "running"
       data["started"] = min(data["started"] or now, now)
 

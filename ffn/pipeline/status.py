@@ -149,8 +149,9 @@ def stage_statuses(run_dir: str | os.PathLike, plan: dict[str, Any] | None = Non
       files = task_files(run_dir, entry, submission, phase["name"]) if submission else {}
       log_root = run_dir / "stages" / entry["name"] / "logs"
       for t in range(phase["tasks"]):
-        job = f"{array}_{t}" if array else None
-        sl = slurm.get(job) if job else None
+        # submitit submits a one-task phase as a plain job (id without _<index>)
+        job = (f"{array}_{t}" if phase["tasks"] > 1 else array) if array else None
+        sl = (slurm.get(job) or slurm.get(f"{array}_{t}")) if job else None
         stale = stale or (sl is not None and "DependencyNeverSatisfied" in sl[1])
         state = _task_state(files.get(t), sl, now)
         setattr(status, state, getattr(status, state) + 1)
@@ -161,15 +162,19 @@ def stage_statuses(run_dir: str | os.PathLike, plan: dict[str, Any] | None = Non
         if state == "done" and data.get("ended") and data.get("started"):
           status.task_seconds.append(float(data["ended"]) - float(data["started"]))
       phases.append(status)
+    state = record["state"]
+    if state in ("queued", "running") and any(p.failed for p in phases) and not any(
+        p.running for p in phases):
+      state = "failed"  # e.g. a task killed before it could say so
     started, finished = record.get("started"), record.get("finished")
     elapsed = (finished or now) - started if started else None
     eta = None
-    if record["state"] not in ("done", "failed"):
+    if state not in ("done", "failed"):
       seconds = [s for p in phases for s in p.task_seconds]
       if seconds:
         mean = sum(seconds) / len(seconds)
         eta = sum((p.pending + p.running) * mean for p in phases)
-    out.append(StageStatus(entry["name"], record["state"], list(record.get("job_ids", [])),
+    out.append(StageStatus(entry["name"], state, list(record.get("job_ids", [])),
                            phases, elapsed, eta, stale))
   return out
 
