@@ -234,14 +234,15 @@ class DispatchBench(DistributedTraining):
   def _coordinate(self, trainer, coordinator, num_workers: int) -> int:
     from ffn.training.worker_input import WorkerInputTrainer
     results = {}
-    for name, make in (("coordinator", lambda: AsyncTrainer(trainer, coordinator, num_workers)),
-                       ("worker", lambda: WorkerInputTrainer(trainer, coordinator, num_workers))):
-      loop = make()
-      taken = ((lambda: loop.next_index) if name == "worker"
-               else (lambda: int(trainer.examples_taken.numpy())))
+    for name, batches in (("coordinator", 0), ("worker", 1), ("worker", 4)):
+      if batches:
+        loop = WorkerInputTrainer(trainer, coordinator, num_workers, batches)
+        taken, steps = (lambda: loop.next_index), self.worker_steps
+      else:
+        loop = AsyncTrainer(trainer, coordinator, num_workers)
+        taken, steps = (lambda: int(trainer.examples_taken.numpy())), self.steps
       _timed(trainer, loop.run, taken, self.warmup)
-      steps = self.worker_steps if name == "worker" else self.steps
-      results[name] = dataclasses.asdict(_timed(trainer, loop.run, taken, steps))
+      results[f"{name} {batches}"] = dataclasses.asdict(_timed(trainer, loop.run, taken, steps))
     Path(self.out).write_text(json.dumps(results))
     return 0
 
@@ -296,20 +297,26 @@ def part_dispatch(args) -> None:
   old_bytes = _payload_old(4, 33)
   print(f"\nasync dispatch, stand-in network (1 scalar variable), batch 4, FOV 33^3, --moves {args.moves}, "
         f"{args.steps} (coordinator input) / {args.worker_steps} (worker input) measured steps after {args.warmup}:")
-  print("| workers | input | steps/s (wall) | coordinator CPU ms/step | ceiling steps/s per coordinator core "
-        "| payload bytes/step | loopback bytes/step | examples/step |\n|---|---|---|---|---|---|---|---|")
+  print("| workers | input | steps/s (wall) | coordinator CPU ms/step | ceiling steps/s per coordinator "
+        "core | coordinator CPU ms/call | payload bytes/step | loopback bytes/step | examples/step |\n"
+        "|---|---|---|---|---|---|---|---|---|")
   for n, res, _ in rows:
-    for name in ("coordinator", "worker"):
-      r = res[name]
+    for key, r in res.items():
+      name, batches = key.split()
+      calls = r["steps"] if name == "coordinator" else r["examples"] / (4 * int(batches))
       per_step = (old_bytes if name == "coordinator"
                   else call_bytes * r["examples"] / 4 / max(r["steps"], 1))
-      print(f"| {n} | {name} | {r['steps'] / r['wall_s']:.1f} | {1000 * r['cpu_s'] / r['steps']:.3f} | "
-            f"{r['steps'] / max(r['cpu_s'], 1e-9):.0f} | {per_step:,.0f} | "
-            f"{r['lo_bytes'] / r['steps']:,.0f} | {r['examples'] / r['steps']:.3f} |")
+      label = "coordinator" if name == "coordinator" else f"worker, {batches} batch(es)/call"
+      print(f"| {n} | {label} | {r['steps'] / r['wall_s']:.1f} | {1000 * r['cpu_s'] / r['steps']:.3f} | "
+            f"{r['steps'] / max(r['cpu_s'], 1e-9):.0f} | {1000 * r['cpu_s'] / max(calls, 1):.1f} | "
+            f"{per_step:,.0f} | {r['lo_bytes'] / r['steps']:,.0f} | {r['examples'] / r['steps']:.3f} |")
   for n, res, _ in rows:
-    old, new = res["coordinator"], res["worker"]
-    print(f"{n} workers: worker input / coordinator input: wall x{(new['steps'] / new['wall_s']) / (old['steps'] / old['wall_s']):.1f}, "
-          f"coordinator CPU per step x{(old['cpu_s'] / old['steps']) / (new['cpu_s'] / new['steps']):.1f} less")
+    old = res["coordinator 0"]
+    for key in ("worker 1", "worker 4"):
+      new = res[key]
+      print(f"{n} workers, {key.split()[1]} batch(es)/call: worker input / coordinator input: wall "
+            f"x{(new['steps'] / new['wall_s']) / (old['steps'] / old['wall_s']):.1f}, coordinator CPU "
+            f"per step x{(old['cpu_s'] / old['steps']) / (new['cpu_s'] / new['steps']):.1f} less")
 
 
 def part_sync(args) -> None:

@@ -96,18 +96,20 @@ def test_examples_equal_the_eager_stream(volumes, tmp_path):
 def test_fov_loop_matches_eager_steps(volumes, tmp_path, policy):
   """Batch 1: the in-graph loop visits the same FOVs as the eager policy (fixed_policy /
   max_pred_policy over the eager seed canvas), takes one optimizer step each, and ends with the
-  same weights as the eager steps."""
+  same weights as the eager steps; for "fixed", one call trains the 3 examples in turn
+  (--batches_per_call 3)."""
   cfg = _config(volumes, tmp_path / "a", fov_policy=policy)
   eager = Trainer(cfg)
   source = eager.make_source()
   graph = Trainer(dataclasses.replace(cfg, train_dir=str(tmp_path / "b")))
   vols = wi.WorkerVolumes(source, str(tmp_path / "cache"))
   planner = wi.Planner(source, vols, 1, eager.model.deltas, True)
-  fov = wi.InGraphFov(graph, tuple(int(v) for v in source.size_xyz[::-1]))
+  count = 3 if policy == "fixed" else 1
+  fov = wi.InGraphFov(graph, tuple(int(v) for v in source.size_xyz[::-1]), batches=count)
   iterator = iter(vols.dataset())
   fov_zyx = eager.fov_zyx
-  visited = []
-  for index in range(3 if policy == "fixed" else 1):
+  visited, losses = [], []
+  for index in range(count):
     image, labels = source.example(index)
     seed = initial_seed(labels.shape, pad=cfg.seed_pad)
     if policy == "fixed":
@@ -115,18 +117,18 @@ def test_fov_loop_matches_eager_steps(volumes, tmp_path, policy):
       offsets = fixed_policy(seed, shifts, cfg.threshold)
     else:
       offsets = max_pred_policy(seed, eager.model.fov_size, eager.model.deltas, cfg.threshold)
-    losses = []
+    visited.append(0)
     for off in offsets:
       view = crop(seed, off, fov_zyx)
       x = np.stack([crop(image, off, fov_zyx), view], axis=-1)[None]
       logits, loss = eager.train_step(tf.constant(x), tf.constant(crop(labels, off, fov_zyx)[None, ..., None]))
       view[...] = logits.numpy()[0, ..., 0]
       losses.append(float(loss))
-    n, loss, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(index)),
-                                         tf.constant(fov.max_visits, tf.int64))
-    visited.append(len(losses))
-    assert int(n) == len(losses) and visits.numpy().tolist() == [len(losses)]
-    np.testing.assert_allclose(float(loss), np.mean(losses), rtol=1e-5)
+      visited[-1] += 1
+  n, loss, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(0, count)),
+                                       tf.constant(count * fov.max_visits, tf.int64))
+  assert int(n) == len(losses) and visits.numpy().tolist() == visited
+  np.testing.assert_allclose(float(loss), np.mean(losses), rtol=1e-5)
   # threshold 0.091 (logit -2.30) lies amid the untrained prediction at the shifts (-2.48..-1.98,
   # about 0.01 apart): the policy moves and stops, decided far beyond float32 rounding.
   assert max(visited) > 1 and max(visited) < fov.max_visits, visited
@@ -135,8 +137,10 @@ def test_fov_loop_matches_eager_steps(volumes, tmp_path, policy):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)
   # A call stops at its step budget (the coordinator's way to end at exactly max_steps).
   step = int(graph.step.numpy())
-  n, _, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(0)), tf.constant(2, tf.int64))
-  assert int(n) == 2 and visits.numpy().tolist() == [2] and int(graph.step.numpy()) == step + 2
+  n, _, visits = fov.train_examples(iterator, *_plan_tensors(planner.plan(0, count)),
+                                    tf.constant(2, tf.int64))
+  assert int(n) == 2 and visits.numpy().tolist() == [2] + [0] * (count - 1)
+  assert int(graph.step.numpy()) == step + 2
 
 
 def test_unsupported_settings_are_refused(volumes, tmp_path):

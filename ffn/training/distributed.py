@@ -117,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="--strategy async: where examples are built: coordinator (Python, "
                           "shipped per step) or worker (volumes on each worker, FOV moves "
                           "in-graph, no EM augmentations; default: %(default)s)")
+  group.add_argument("--batches_per_call", type=int, default=4,
+                     help="--async_input worker: batches of examples each scheduled call trains "
+                          "one after the other (more: less coordinator work per step; default: "
+                          "%(default)s)")
   group.add_argument("--scale_lr_with_replicas", action="store_true",
                      help="multiply --learning_rate by the number of replicas")
   group.add_argument("--port_base", type=int, default=None,
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     from ffn.training.worker_input import check_config
     if args.strategy != "async":
       raise FFNError("--async_input worker needs --strategy async")
+    if args.batches_per_call < 1:
+      raise FFNError(f"--batches_per_call must be >= 1, got {args.batches_per_call}")
     check_config(args)  # the flags have the config's names
   options.strict = options.strict or args.wait
   # First the request against `sinfo` (before the config, which imports TensorFlow).
@@ -157,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     # Slurm's own SIGTERM at the time limit comes after submitit's USR2; make the gap explicit.
     executor.update_parameters(slurm_signal_delay_s=90)
   training = DistributedTraining(dataclasses.asdict(cfg), args.strategy, args.num_ps,
-                                 args.scale_lr_with_replicas, args.port_base, args.async_input)
+                                 args.scale_lr_with_replicas, args.port_base, args.async_input,
+                                 args.batches_per_call)
   try:
     job = executor.submit(training)
   except submitit.core.utils.FailedJobError as e:
@@ -238,14 +245,14 @@ class DistributedTraining(submitit.helpers.Checkpointable):
 
   def __init__(self, config: dict[str, Any], strategy: str = "sync", num_ps: int = 1,
                scale_lr_with_replicas: bool = False, port_base: int | None = None,
-               async_input: str = "coordinator"):
+               async_input: str = "coordinator", batches_per_call: int = 4):
     if strategy not in STRATEGIES:
       raise FFNError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if async_input not in ASYNC_INPUTS:
       raise FFNError(f"--async_input {async_input!r}: expected one of {', '.join(ASYNC_INPUTS)}")
     self.config, self.strategy, self.num_ps = dict(config), strategy, num_ps
     self.scale_lr_with_replicas, self.port_base = scale_lr_with_replicas, port_base
-    self.async_input = async_input
+    self.async_input, self.batches_per_call = async_input, batches_per_call
     self._trainer = None
     self._loop = None  # the WorkerInputTrainer of a worker-input coordinator
 
@@ -354,7 +361,7 @@ class DistributedTraining(submitit.helpers.Checkpointable):
     """The coordinator's training loop (benchmarks override it); 0, or 3 after SIGTERM."""
     if self.async_input == "worker":
       from ffn.training.worker_input import WorkerInputTrainer
-      self._loop = WorkerInputTrainer(trainer, coordinator, num_workers)
+      self._loop = WorkerInputTrainer(trainer, coordinator, num_workers, self.batches_per_call)
       return self._loop.run()
     return AsyncTrainer(trainer, coordinator, num_workers).run()
 

@@ -194,12 +194,14 @@ class Planner:
       np.random.default_rng([self.source.seed, 2, int(index)]).shuffle(order[1:])
     return order[:, ::-1].astype(np.int32)
 
-  def plan(self, first: int) -> dict[str, np.ndarray]:
-    """Arguments of :meth:`InGraphFov.train_examples` for stream positions first..first+b-1."""
+  def plan(self, first: int, count: int | None = None) -> dict[str, np.ndarray]:
+    """Arguments of :meth:`InGraphFov.train_examples` for stream positions first..first+count-1
+    (``count``: ``batch_size`` x the calls's batches; default one batch)."""
     src, vols = self.source, self.volumes
-    rows = [src.coordinate(i) for i in range(first, first + self.batch_size)]
+    count = self.batch_size if count is None else count
+    rows = [src.coordinate(i) for i in range(first, first + count)]
     out: dict[str, list] = collections.defaultdict(list)
-    for index, row in zip(range(first, first + self.batch_size), rows):
+    for index, row in zip(range(first, first + count), rows):
       name = src.names[row]
       out["volume"].append(vols.index[name])
       out["start"].append(src.starts_xyz[row][::-1])
@@ -219,9 +221,12 @@ class Planner:
 class InGraphFov:
   """The worker's side: ``train_examples`` as one ``tf.function`` (see the module docstring)."""
 
-  def __init__(self, trainer, patch_zyx: Sequence[int]):
+  def __init__(self, trainer, patch_zyx: Sequence[int], batches: int = 1):
+    """``batches``: batches of ``batch_size`` examples trained one after the other per call."""
     import tensorflow as tf
-    self.trainer, self.cfg = trainer, trainer.cfg
+    if batches < 1:
+      raise FFNError(f"--batches_per_call must be >= 1, got {batches}")
+    self.trainer, self.cfg, self.batches = trainer, trainer.cfg, batches
     self.patch = tuple(int(s) for s in patch_zyx)
     self.fov = tuple(int(s) for s in trainer.fov_zyx)
     perm_axes = list(self.cfg.permutable_axes)
@@ -283,7 +288,24 @@ class InGraphFov:
   def _call(self, iterator, volume, start, perm, flips, offset_scale, moves, budget):
     images, labels = next(iterator)
     return self.trainer.strategy.run(
-        self._loop, args=(images, labels, volume, start, perm, flips, offset_scale, moves, budget))
+        self._batches, args=(images, labels, (volume, start, perm, flips, offset_scale, moves),
+                             budget))
+
+  def _batches(self, images, labels, plan, budget):
+    """The call's batches in order, within one step budget: (steps, mean loss, visits [k*b])."""
+    import tensorflow as tf
+    k, b = self.batches, self.cfg.batch_size
+    plan = [tf.reshape(t, [k, b] + t.shape[1:]) for t in plan]
+
+    def body(i, n, loss_sum, visits):
+      n_i, loss_i, visits_i = self._loop(images, labels, *[t[i] for t in plan], budget - n)
+      visits = tf.tensor_scatter_nd_update(visits, [[i]], visits_i[None])
+      return i + 1, n + n_i, loss_sum + loss_i * tf.cast(n_i, tf.float32), visits
+
+    _, n, loss_sum, visits = tf.while_loop(
+        lambda i, n, loss_sum, visits: (i < k) & (n < budget), body,
+        (tf.constant(0), tf.constant(0, tf.int64), tf.constant(0.0), tf.zeros([k, b], tf.int32)))
+    return n, loss_sum / tf.cast(tf.maximum(n, 1), tf.float32), tf.reshape(visits, [k * b])
 
   def _loop(self, images, labels, volume, start, perm, flips, offset_scale, moves, budget):
     """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
@@ -474,9 +496,11 @@ class _MaxPredPolicy:
 class WorkerInputTrainer:
   """The coordinator's loop for ``--async_input worker`` (see the module docstring)."""
 
-  def __init__(self, trainer, coordinator, num_workers: int, in_flight_per_worker: int = 2):
+  def __init__(self, trainer, coordinator, num_workers: int, batches_per_call: int = 1,
+               in_flight_per_worker: int = 2):
     """``trainer``: a restored :class:`~ffn.training.trainer.Trainer` under the
-    ParameterServerStrategy of ``coordinator`` (a ``ClusterCoordinator``); its source attached."""
+    ParameterServerStrategy of ``coordinator`` (a ``ClusterCoordinator``); its source attached.
+    ``batches_per_call``: batches of examples each scheduled call trains in turn."""
     check_config(trainer.cfg)
     self.trainer, self.coordinator, self.num_workers = trainer, coordinator, num_workers
     self.depth = in_flight_per_worker * num_workers
@@ -484,7 +508,8 @@ class WorkerInputTrainer:
     self.volumes = WorkerVolumes(source, os.path.join(trainer.cfg.train_dir, CACHE_DIR))
     self.planner = Planner(source, self.volumes, trainer.cfg.batch_size, trainer.model.deltas,
                            trainer.cfg.shuffle_moves)
-    self.fov = InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]))
+    self.fov = InGraphFov(trainer, tuple(int(v) for v in source.size_xyz[::-1]), batches_per_call)
+    self.per_call = batches_per_call * trainer.cfg.batch_size  # examples
     self.next_index = int(trainer.examples_taken.numpy())  # next stream position to hand out
     self.iterator = iter(coordinator.create_per_worker_dataset(self.volumes.dataset))
 
@@ -504,7 +529,7 @@ class WorkerInputTrainer:
     step0 = finished = int(trainer.step.numpy())
     _log.info("worker input: %d volume(s) on each worker, stream from example %d, step %d",
               len(self.volumes.names), self.next_index, step0)
-    cap = self.fov.max_visits
+    cap = self.fov.max_visits * self.fov.batches
     in_flight: collections.deque = collections.deque()
     reserved, losses, steps_logged = 0, [], 0
     t_start = t_log = t_ckpt = time.monotonic()
@@ -514,8 +539,8 @@ class WorkerInputTrainer:
         while (not trainer._stop and len(in_flight) < self.depth
                and finished + reserved < cfg.max_steps):
           budget = min(cap, cfg.max_steps - finished - reserved)
-          args = [tf.constant(v) for v in self.planner.plan(self.next_index).values()]
-          self.next_index += cfg.batch_size
+          args = [tf.constant(v) for v in self.planner.plan(self.next_index, self.per_call).values()]
+          self.next_index += self.per_call
           in_flight.append((self.coordinator.schedule(
               self.fov.train_examples, args=(self.iterator, *args, tf.constant(budget, tf.int64))), budget))
           reserved += budget
