@@ -373,7 +373,7 @@ def part_loss(args) -> None:
     log = next((tmp / "async" / "logs").glob("*/*_0_log.err")).read_text()
     runs["slurm_train async, worker input (2 workers)"] = (
         re.findall(r"step (\d+)/\d+ loss ([\d.]+)", log), time.monotonic() - t0)
-  print(f"\npixel loss, depth-2 FOV 9^3 model, Adam 0.003, batch 4 (per worker), shipped 150^3 crop:")
+  print("\npixel loss, depth-2 FOV 9^3 model, Adam 0.003, batch 4 (per worker), shipped 150^3 crop:")
   for name, (points, wall) in runs.items():
     print(f"{name} ({wall:.0f} s): " + ", ".join(f"{s}: {float(l):.3f}" for s, l in points))
 

@@ -6,19 +6,24 @@ about 2.3 MB per step for batch 4 at a 33^3 FOV), blocking on each worker's prev
 the coordinator only schedules:
 
 * **Volumes on the workers.** Each worker holds every image (as float32) and label volume (as
-  int64) in memory, the single element (repeated) of its per-worker ``tf.data`` dataset (``ClusterCoordinator.create_per_worker_dataset``), read from
-  disk by the worker itself: an uncompressed, contiguous HDF5 dataset of a dtype ``tf.io.decode_raw``
-  reads is read in place; any other volume (gzip/chunked HDF5, TensorStore, slice stacks) is
+  int64) in its CPU memory, the single element (repeated) of its per-worker ``tf.data`` dataset
+  (``ClusterCoordinator.create_per_worker_dataset``), read from disk by the worker itself: an
+  uncompressed, contiguous HDF5 dataset of a dtype ``tf.io.decode_raw`` reads is read in place;
+  any other volume (gzip/chunked HDF5, TensorStore, slice stacks) is
   written once by the coordinator as a raw copy into ``<train_dir>/worker_volumes/`` (named by a
   hash of its spec, shape, dtype and file stamp; reused on resume), so the ``--train_dir`` that
   every node must see already suffices.
 * **Scheduling.** The coordinator keeps the example stream of :class:`ExampleSource` by index:
   per example it sends the box (volume and z,y,x corner), the normalisation, the
   axis permutation/reflection (the same per-index RNG ``(seed, 1, index)`` as the eager path) and
-  the move order (``(seed, 2, index)``), about 400 bytes per example, and keeps up to two calls in
+  the move order (``(seed, 2, index)``), about 370 bytes per example, and keeps up to two calls in
   flight per worker.
 * **In-graph FOV loop** (:meth:`InGraphFov.train_examples`). One scheduled call trains
-  ``batch_size`` whole examples on a worker: it gathers their patches, makes google's soft labels
+  ``--batches_per_call`` batches of ``batch_size`` whole examples in turn on a worker (several
+  batches per call divide the coordinator's fixed cost per call, ~10-20 ms of CPU on the
+  benchmark machine); for each batch it slices their patches (on the worker's CPU, where the
+  volumes are; the steps run on its default device, a GPU if it has one), makes google's soft
+  labels
   (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
   canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the FOV policy as a
   ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid cross-entropy,
@@ -31,7 +36,7 @@ the coordinator only schedules:
   :func:`ffn.training.examples.max_pred_policy`).
 
 Semantics against ``ffn train``'s eager batches: an example whose policy has ended idles (weight
-0 in the loss, seed no longer written) until the last example of its call ends, where the eager
+0 in the loss, seed no longer written) until the last example of its batch ends, where the eager
 batch refills that slot at once; with ``--batch_size 1`` the two give the same steps. A call stops
 early when it reaches its step budget (the coordinator hands out budgets so that training ends
 exactly at ``max_steps``). Not supported (an FFNError when the job is submitted): the EM
