@@ -23,8 +23,7 @@ the coordinator only schedules:
   batches per call divide the coordinator's fixed cost per call, ~10-20 ms of CPU on the
   benchmark machine); for each batch it slices their patches (on the worker's CPU, where the
   volumes are; the steps run on its default device, a GPU if it has one), makes google's soft
-  labels
-  (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
+  labels (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
   canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the FOV policy as a
   ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid cross-entropy,
   each gradient element clipped to +/- ``max_gradient_entry_mag``, the optimizer's update of the
