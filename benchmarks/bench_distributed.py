@@ -11,8 +11,9 @@ under 1 GiB); and the worker-side in-graph example build of ``--async_input work
 
 ``--part dispatch``: the async coordinator's ceiling, on the local Slurm (tasks oversubscribing
 the cores). One job per worker count (``--workers 1,2,4``): coordinator + 1 parameter server + N
-workers; the coordinator runs the old path (``--async_input coordinator``) and then the new one
-(``--async_input worker``) on the same cluster, each ``--warmup`` then ``--steps`` steps. The
+workers; the coordinator runs the old path (``--async_input coordinator``, ``--steps``) and then
+the new one (``--async_input worker``, ``--worker_steps``, with ``--batches_per_call`` 1 and 4) on
+the same cluster, each after ``--warmup`` steps (tracing). The
 network is a stand-in with one scalar variable (logits = constant + mean(variable): the step is
 nearly free, the gradient and the parameter-server update are real), fed fib25-sized inputs
 (FOV 33^3, deltas 8, batch 4, from training_sample2). ``--moves all`` makes the fixed policy visit
@@ -20,7 +21,8 @@ all 27 FOVs of each example (prediction above threshold), ``--moves centre`` onl
 new example per slot every step, the most data work). Reported: wall steps/s; coordinator CPU
 (process time of the coordinator process, all its threads) per step, whose inverse is the
 ceiling one coordinator core can feed; payload bytes sent per step (tensor bytes of the arguments
-and results) and the loopback bytes per step (``/proc/net/dev`` ``lo``, every process's traffic).
+and results) and the loopback bytes per step (``/proc/net/dev`` ``lo``, every process's traffic). Each job is a one-CPU allocation whose
+job step starts all its tasks (``srun --ntasks --overcommit``).
 
 ``--part sync``: the sync path's per-step overhead with 1 vs 2 tasks (MirroredStrategy vs
 MultiWorkerMirroredStrategy over 2 Slurm tasks): the same stand-in network with a variable the size
