@@ -123,16 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.set_defaults(slurm_cpus_per_task=2, slurm_job_name="ffn-demo")
 
 
+README_LINKS = ("segmentation", "segmentation.h5", "preview.png", "neuroglancer")
+
+
 def _link(link: Path, target: str) -> Path:
-  """``link`` -> ``target`` (relative); an older demo's real file or folder there is an error."""
+  """``link`` -> ``target`` (a relative symbolic link, replaced when it points elsewhere)."""
   relative = os.path.relpath(target, link.parent)
   if link.is_symlink():
     if os.readlink(link) == relative:
       return link
     link.unlink()
-  elif link.exists():
-    raise FFNError(f"{link}: exists from an older demo (not a link into pipeline/); remove it or "
-                   "use another --output_dir")
   link.symlink_to(relative)
   return link
 
@@ -146,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
   out.mkdir(parents=True, exist_ok=True)
   if not REPO_SAMPLE.exists():
     raise FFNError(f"{REPO_SAMPLE}: the shipped sample is missing (run from a full checkout)")
+
+  for name in README_LINKS:  # before anything runs: an older demo's outputs are in the way
+    if (out / name).exists() and not (out / name).is_symlink():
+      raise FFNError(f"{out / name}: exists from an older demo (not a link into pipeline/); remove "
+                     "it or use another --output_dir")
 
   print("[1/4] preparing training data from the sample ...", flush=True)
   prepared = prepare(f"{REPO_SAMPLE}:raw", f"{REPO_SAMPLE}:stack", str(out / "prepare"))
