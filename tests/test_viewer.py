@@ -285,7 +285,7 @@ def test_stitched_sharded_precomputed_shows_in_neuroglancer(tmp_path, browser, s
     (x, y, z), (sx, sy, sz) = box.start.tolist(), box.size.tolist()
     sub = truth[z:z + sz, y:y + sy, x:x + sx]
     ids, inverse = np.unique(sub, return_inverse=True)
-    new = rng.choice(np.arange(1, 1 << 30), size=ids.size, replace=False)
+    new = 1 + rng.choice((1 << 30) - 1, size=ids.size, replace=False)  # distinct ids in [1, 2^30)
     storage.save_subvolume(new[inverse.reshape(sub.shape)], {},
                            storage.segmentation_path(str(tmp_path / "chunks"), (z, y, x)))
   view = tmp_path / "view"
