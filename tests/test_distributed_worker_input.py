@@ -143,6 +143,34 @@ def test_fov_loop_matches_eager_steps(volumes, tmp_path, policy):
   assert int(graph.step.numpy()) == step + 2
 
 
+def test_slots_refill_as_eager_batches(volumes, tmp_path):
+  """Batch 2, one call of 6 examples: a slot whose policy ends takes the call's next example at
+  once, as Trainer.next_batch does; the same steps and weights until the eager batch needs a
+  7th example (where the call would let the slot idle)."""
+  cfg = _config(volumes, tmp_path / "a", batch_size=2, shuffle_moves=False)
+  eager = Trainer(cfg)
+  source = eager.make_source()
+  eager.attach_data(source)
+  steps = 0
+  while True:
+    x, labels, views = eager.next_batch()
+    if int(eager.examples_taken.numpy()) > 6:
+      break
+    logits, _ = eager._run_step(x, labels)
+    for i, view in enumerate(views):
+      view[...] = logits[i, ..., 0]
+    steps += 1
+  graph = Trainer(dataclasses.replace(cfg, train_dir=str(tmp_path / "b")))
+  vols = wi.WorkerVolumes(source, str(tmp_path / "cache"))
+  planner = wi.Planner(source, vols, 2, eager.model.deltas, False)
+  fov = wi.InGraphFov(graph, tuple(int(v) for v in source.size_xyz[::-1]), batches=3)
+  n, _, visits = fov.train_examples(iter(vols.dataset()), *_plan_tensors(planner.plan(0, 6)),
+                                    tf.constant(steps, tf.int64))
+  assert int(n) == steps > 6 and int(np.sum(visits)) >= steps
+  for a, b in zip(eager.variables, graph.variables):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_unsupported_settings_are_refused(volumes, tmp_path):
   with pytest.raises(FFNError, match="--rotation_max_deg, --gamma need --async_input coordinator"):
     wi.check_config(_config(volumes, tmp_path, rotation_max_deg=10.0, gamma=0.1))

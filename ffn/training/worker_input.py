@@ -19,25 +19,26 @@ the coordinator only schedules:
   the move order (``(seed, 2, index)``), about 370 bytes per example, and keeps up to two calls in
   flight per worker.
 * **In-graph FOV loop** (:meth:`InGraphFov.train_examples`). One scheduled call trains
-  ``--batches_per_call`` batches of ``batch_size`` whole examples in turn on a worker (several
-  batches per call divide the coordinator's fixed cost per call, ~10-20 ms of CPU on the
-  benchmark machine); for each batch it slices their patches (on the worker's CPU, where the
+  ``--batches_per_call`` x ``batch_size`` whole examples on a worker in ``batch_size`` slots
+  (more examples per call divide the coordinator's fixed cost per call, ~10-30 ms of CPU on the
+  benchmark machine); it slices their patches (on the worker's CPU, where the
   volumes are; the steps run on its default device, a GPU if it has one), makes google's soft
   labels (0.95 on the object at the centre voxel, 0.05 elsewhere), permutes/reflects, starts the seed
   canvas (``seed_pad`` everywhere, 0.95 at the centre, as logits) and runs the FOV policy as a
   ``tf.while_loop``. Each iteration is one training step: forward pass, sigmoid cross-entropy,
   each gradient element clipped to +/- ``max_gradient_entry_mag``, the optimizer's update of the
   variables on the parameter servers, global step + 1; the logits are written into the seed
-  canvas, then every example chooses its next FOV from the updated canvas: ``fixed`` takes the
+  canvas, then every slot's example chooses its next FOV from the updated canvas, and a slot
+  whose example has no FOV left takes the call's next example at once (google's batches of
+  independent example generators, as ``ffn train``): ``fixed`` takes the
   next of its moves (centre first, then the 26 +/- deltas shifts) whose seed voxel reaches
   ``logit(threshold)`` (google's ``fixed_offsets``); ``max_pred_moves`` queues the face maxima
   of the prediction as inference moves (google's ``max_pred_offsets``,
   :func:`ffn.training.examples.max_pred_policy`).
 
-Semantics against ``ffn train``'s eager batches: an example whose policy has ended idles (weight
-0 in the loss, seed no longer written) until the last example of its batch ends, where the eager
-batch refills that slot at once; with ``--batch_size 1`` the two give the same steps. A call stops
-early when it reaches its step budget (the coordinator hands out budgets so that training ends
+Semantics against ``ffn train``'s eager batches: the same steps, except at the end of a call,
+where a slot without a next example idles (weight 0 in the loss) until the call's last example
+ends. A call stops early when it reaches its step budget (the coordinator hands out budgets so that training ends
 exactly at ``max_steps``). Not supported (an FFNError when the job is submitted): the EM
 augmentations beyond permutation/reflection (rotation, elastic, misalignment, missing/blurred
 sections, brightness/contrast/gamma, noise).
@@ -247,19 +248,18 @@ class InGraphFov:
     self.train_examples = tf.function(self._call)
 
   def examples(self, images, labels, volume, start, perm, flips, offset_scale):
-    """(image [b,z,y,x] normalised, soft labels [b,z,y,x]) float32, as ExampleSource.example.
+    """(image [n,z,y,x] normalised, soft labels [n,z,y,x]) float32, as ExampleSource.example.
 
-    ``images``/``labels``: the per-worker dataset's volumes; ``volume`` [b] and ``start`` [b, 3]
-    (z,y,x): each example's volume and patch corner."""
+    ``images``/``labels``: the per-worker dataset's volumes; ``volume`` [n] and ``start`` [n, 3]
+    (z,y,x): each example's volume and patch corner (n: static)."""
     import tensorflow as tf
     pz, py, px = self.patch
 
     def box(volumes, i):
       return tf.switch_case(volume[i], [lambda v=v: tf.slice(v, start[i], self.patch) for v in volumes])
 
-    b = self.cfg.batch_size
     out = []
-    for i in range(b):
+    for i in range(volume.shape[0]):
       image = (box(images, i) - offset_scale[i, 0]) / offset_scale[i, 1]
       labels_i = box(labels, i)
       soft = tf.where((labels_i == labels_i[pz // 2, py // 2, px // 2]) & (labels_i > 0),
@@ -292,61 +292,58 @@ class InGraphFov:
   def _call(self, iterator, volume, start, perm, flips, offset_scale, moves, budget):
     images, labels = next(iterator)
     return self.trainer.strategy.run(
-        self._batches, args=(images, labels, (volume, start, perm, flips, offset_scale, moves),
-                             budget))
-
-  def _batches(self, images, labels, plan, budget):
-    """The call's batches in order, within one step budget: (steps, mean loss, visits [k*b])."""
-    import tensorflow as tf
-    k, b = self.batches, self.cfg.batch_size
-    plan = [tf.reshape(t, [k, b] + t.shape[1:]) for t in plan]
-
-    def body(i, n, loss_sum, visits):
-      n_i, loss_i, visits_i = self._loop(images, labels, *[t[i] for t in plan], budget - n)
-      visits = tf.tensor_scatter_nd_update(visits, [[i]], visits_i[None])
-      return i + 1, n + n_i, loss_sum + loss_i * tf.cast(n_i, tf.float32), visits
-
-    _, n, loss_sum, visits = tf.while_loop(
-        lambda i, n, loss_sum, visits: (i < k) & (n < budget), body,
-        (tf.constant(0), tf.constant(0, tf.int64), tf.constant(0.0), tf.zeros([k, b], tf.int32)))
-    return n, loss_sum / tf.cast(tf.maximum(n, 1), tf.float32), tf.reshape(visits, [k * b])
+        self._loop, args=(images, labels, volume, start, perm, flips, offset_scale, moves, budget))
 
   def _loop(self, images, labels, volume, start, perm, flips, offset_scale, moves, budget):
-    """(steps taken int64, mean loss over them, FOVs visited per example [b] int32)."""
+    """(steps taken int64, mean loss over them, FOVs visited per example [m] int32) for the
+    call's m = batches x batch_size examples, trained in batch_size slots."""
     import tensorflow as tf
-    b = self.cfg.batch_size
+    b, m = self.cfg.batch_size, self.batches * self.cfg.batch_size
     with tf.device("/device:CPU:0"):  # where the volumes are; only the patches go to a GPU
       image, soft = self.examples(images, labels, volume, start, perm, flips, offset_scale)
     half = tf.constant([s // 2 for s in self.patch], tf.int32)
     fov_half = tf.constant([f // 2 for f in self.fov], tf.int32)
     policy = (_MaxPredPolicy(self) if self.cfg.fov_policy == "max_pred_moves"
               else _FixedPolicy(self, moves))
+    seed0 = tf.constant(self.seed0[0])
 
-    def body(n, seed, off, active, state, loss_sum, visits):
-      start = half + off - fov_half  # [b, 3] z,y,x corner of each FOV in its patch
+    def refill(seed, cur, off, active, state, taken):
+      """Each idle slot (slot order) takes the call's next example: seed and policy restart."""
+      want = ~active
+      take = want & (taken + tf.cumsum(tf.cast(want, tf.int32), exclusive=True) < m)
+      cur = tf.where(take, taken + tf.cumsum(tf.cast(take, tf.int32), exclusive=True), cur)
+      seed = tf.where(take[:, None, None, None], seed0[None], seed)
+      off_new, active_new, state = policy.start(seed, cur, take, state)
+      return (seed, cur, tf.where(take[:, None], off_new, off), tf.where(take, active_new, active),
+              state, taken + tf.reduce_sum(tf.cast(take, tf.int32)))
+
+    def body(n, seed, cur, off, active, state, taken, loss_sum, visits):
+      corner = half + off - fov_half  # [b, 3] z,y,x corner of each FOV in its patch
       xs, ys = [], []
       for i in range(b):
-        xs.append(tf.stack([tf.slice(image[i], start[i], self.fov),
-                            tf.slice(seed[i], start[i], self.fov)], axis=-1))
-        ys.append(tf.slice(soft[i], start[i], self.fov)[..., None])
-      weights = tf.cast(active, tf.float32)
-      logits, loss = self._step(tf.stack(xs), tf.stack(ys), weights)
+        xs.append(tf.stack([tf.slice(image[cur[i]], corner[i], self.fov),
+                            tf.slice(seed[i], corner[i], self.fov)], axis=-1))
+        ys.append(tf.slice(soft[cur[i]], corner[i], self.fov)[..., None])
+      logits, loss = self._step(tf.stack(xs), tf.stack(ys), tf.cast(active, tf.float32))
       updated = []
       for i in range(b):
-        pad = tf.stack([start[i], tf.constant(self.patch, tf.int32) - start[i] - self.fov], axis=1)
+        pad = tf.stack([corner[i], tf.constant(self.patch, tf.int32) - corner[i] - self.fov], axis=1)
         box = tf.pad(tf.ones(self.fov, tf.bool), pad) & active[i]
         updated.append(tf.where(box, tf.pad(logits[i, ..., 0], pad), seed[i]))
       seed = tf.stack(updated)
-      off_next, active_next, state = policy.next(seed, off, active, state)
-      return (n + 1, seed, off_next, active_next, state, loss_sum + loss,
-              visits + tf.cast(active, tf.int32))
+      visits = tf.tensor_scatter_nd_add(visits, cur[:, None], tf.cast(active, tf.int32))
+      off, active, state = policy.next(seed, off, active, state, cur)
+      seed, cur, off, active, state, taken = refill(seed, cur, off, active, state, taken)
+      return n + 1, seed, cur, off, active, state, taken, loss_sum + loss, visits
 
-    seed = tf.constant(self.seed0)
-    off, active, state = policy.first()
-    n, _, _, _, _, loss_sum, visits = tf.while_loop(
-        lambda n, seed, off, active, state, loss_sum, visits: (n < budget) & tf.reduce_any(active),
-        body, (tf.constant(0, tf.int64), seed, off, active, state, tf.constant(0.0, tf.float32),
-               tf.zeros([b], tf.int32)))
+    init = refill(tf.tile(seed0[None], [b, 1, 1, 1]), tf.zeros([b], tf.int32),
+                  tf.zeros([b, 3], tf.int32), tf.zeros([b], tf.bool), policy.init(),
+                  tf.constant(0, tf.int32))
+    seed, cur, off, active, state, taken = init
+    n, *_, loss_sum, visits = tf.while_loop(
+        lambda n, seed, cur, off, active, *rest: (n < budget) & tf.reduce_any(active), body,
+        (tf.constant(0, tf.int64), seed, cur, off, active, state, taken, tf.constant(0.0),
+         tf.zeros([m], tf.int32)))
     return n, loss_sum / tf.cast(tf.maximum(n, 1), tf.float32), visits
 
 
@@ -361,40 +358,45 @@ def _cells(patch_zyx, fov_zyx, deltas_zyx) -> tuple[list[int], tuple[int, int, i
 
 class _FixedPolicy:
   """google's ``fixed_offsets`` in-graph: each example's moves (centre first) in order, those
-  whose voxel in the seed canvas reaches logit(threshold) when they are considered."""
+  whose voxel in the seed canvas reaches logit(threshold) when they are considered. State: the
+  index of each slot's next move to consider."""
 
   def __init__(self, fov: InGraphFov, moves):
     import tensorflow as tf
-    self.moves, self.k = moves, moves.shape[1]
-    b = fov.cfg.batch_size
-    half = tf.constant([s // 2 for s in fov.patch], tf.int32)
-    slot = tf.broadcast_to(tf.range(b)[:, None, None], [b, self.k, 1])
-    self.probe = tf.concat([slot, half + moves], axis=-1)  # [b, k, 4]: voxel judged per move
+    self.moves, self.k, self.b = moves, moves.shape[1], fov.cfg.batch_size
+    self.half = tf.constant([s // 2 for s in fov.patch], tf.int32)
     self.threshold = tf.constant(logit(fov.cfg.threshold), tf.float32)
-    self.seed0 = tf.constant(fov.seed0)
 
-  def _choose(self, seed, ptr):
+  def _choose(self, seed, ptr, cur):
     import tensorflow as tf
-    ok = (tf.range(self.k)[None, :] >= ptr[:, None]) & (tf.gather_nd(seed, self.probe) >= self.threshold)
+    moves = tf.gather(self.moves, cur)  # [b, k, 3] of each slot's example
+    slot = tf.broadcast_to(tf.range(self.b)[:, None, None], [self.b, self.k, 1])
+    probe = tf.concat([slot, self.half + moves], axis=-1)  # voxel judged per move
+    ok = (tf.range(self.k)[None, :] >= ptr[:, None]) & (tf.gather_nd(seed, probe) >= self.threshold)
     active = tf.reduce_any(ok, axis=1)
     first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
-    return tf.gather(self.moves, first, batch_dims=1), active, tf.where(active, first + 1, self.k)
+    return tf.gather(moves, first, batch_dims=1), active, tf.where(active, first + 1, self.k)
 
-  def first(self):
+  def init(self):
     import tensorflow as tf
-    return self._choose(self.seed0, tf.zeros([self.moves.shape[0]], tf.int32))
+    return tf.fill([self.b], self.k)
 
-  def next(self, seed, off, active, ptr):
+  def start(self, seed, cur, take, ptr):
+    import tensorflow as tf
+    off, active, ptr_new = self._choose(seed, tf.where(take, 0, ptr), cur)
+    return off, active, tf.where(take, ptr_new, ptr)
+
+  def next(self, seed, off, active, ptr, cur):
     del off, active
-    return self._choose(seed, ptr)
+    return self._choose(seed, ptr, cur)
 
 
 class _MaxPredPolicy:
   """google's ``max_pred_offsets`` in-graph (:func:`ffn.training.examples.max_pred_policy`):
-  a FIFO queue per example, from (0,0,0); after each visit the face maxima of the prediction
+  a FIFO queue per slot, from (0,0,0); after each visit the face maxima of the prediction
   around it that reach logit(threshold) join the queue, best score first (ties: larger z,y,x
   offset first); a queued offset is skipped when its FOV would leave the patch or its cell
-  ``offset // max(deltas, 1)`` was visited."""
+  ``offset // max(deltas, 1)`` was visited. State: (queue, head, tail, visited cells)."""
 
   def __init__(self, fov: InGraphFov):
     import tensorflow as tf
@@ -410,15 +412,23 @@ class _MaxPredPolicy:
     self.half = tf.constant([s // 2 for s in fov.patch], tf.int32)
     self.fov_half = tf.constant([f // 2 for f in fov.fov], tf.int32)
 
-  def first(self):
+  def init(self):
     import tensorflow as tf
-    queue = tf.zeros([self.b, self.capacity, 3], tf.int32)  # offsets (z,y,x); entry 0 = centre
-    head, tail = tf.zeros([self.b], tf.int32), tf.ones([self.b], tf.int32)
-    visited = tf.zeros((self.b,) + self.grid, tf.bool)
-    return self._pop(queue, head, tail, visited)
+    return (tf.zeros([self.b, self.capacity, 3], tf.int32), tf.zeros([self.b], tf.int32),
+            tf.zeros([self.b], tf.int32), tf.zeros((self.b,) + self.grid, tf.bool))
 
-  def _pop(self, queue, head, tail, visited):
-    """The first queued offset of each example that is inside reach and in an unvisited cell."""
+  def start(self, seed, cur, take, state):
+    """Slots ``take`` restart with a queue holding (0,0,0) and no visited cell, and pop it."""
+    import tensorflow as tf
+    del seed, cur
+    queue, head, tail, visited = state
+    queue = tf.where(take[:, None, None], 0, queue)
+    head, tail = tf.where(take, 0, head), tf.where(take, 1, tail)
+    visited = tf.where(take[:, None, None, None], False, visited)
+    return self._pop(queue, head, tail, visited, take)
+
+  def _pop(self, queue, head, tail, visited, rows):
+    """For ``rows``: the first queued offset inside reach and in an unvisited cell."""
     import tensorflow as tf
     slots = tf.range(self.b)
 
@@ -438,12 +448,12 @@ class _MaxPredPolicy:
       return found | take, off, tf.where(searching, head + 1, head), visited
 
     found, off, head, visited = tf.while_loop(
-        cond, body, (tf.zeros([self.b], tf.bool), tf.zeros([self.b, 3], tf.int32), head, visited))
-    return off, found, (queue, head, tail, visited)
+        cond, body, (~rows, tf.zeros([self.b, 3], tf.int32), head, visited))
+    return off, found & rows, (queue, head, tail, visited)
 
   def _moves(self, seed, off):
     """[b, 6] scores, [b, 6, 3] moves (z,y,x), [b, 6] kept: the face maxima of
-    :func:`ffn.inference.movement.scored_move_offsets` over each example's FOV at ``off``."""
+    :func:`ffn.inference.movement.scored_move_offsets` over each slot's FOV at ``off``."""
     import tensorflow as tf
     start = self.half + off - self.fov_half
     crops = tf.stack([tf.slice(seed[i], start[i], self.fov) for i in range(self.b)])
@@ -475,8 +485,9 @@ class _MaxPredPolicy:
     kept = kept & ~tf.reduce_any(same & earlier & kept[:, None, :], axis=2)
     return scores, moves, kept
 
-  def next(self, seed, off, active, state):
+  def next(self, seed, off, active, state, cur):
     import tensorflow as tf
+    del cur
     queue, head, tail, visited = state
     scores, moves, kept = self._moves(seed, off)
     kept = kept & active[:, None]
@@ -492,9 +503,7 @@ class _MaxPredPolicy:
     index = tf.boolean_mask(tf.stack([slot, position], axis=-1), kept)
     queue = tf.tensor_scatter_nd_update(queue, index, tf.boolean_mask(off[:, None, :] + moves, kept))
     tail = tail + tf.reduce_sum(tf.cast(kept, tf.int32), axis=1)
-    off_next, found, state = self._pop(queue, head, tail, visited)
-    # An example that has ended stays ended (its queue is empty, nothing was added).
-    return off_next, found & active, state
+    return self._pop(queue, head, tail, visited, active)
 
 
 class WorkerInputTrainer:
@@ -533,7 +542,7 @@ class WorkerInputTrainer:
     step0 = finished = int(trainer.step.numpy())
     _log.info("worker input: %d volume(s) on each worker, stream from example %d, step %d",
               len(self.volumes.names), self.next_index, step0)
-    cap = self.fov.max_visits * self.fov.batches
+    cap = self.fov.max_visits * self.per_call  # each step advances an example by one FOV
     in_flight: collections.deque = collections.deque()
     reserved, losses, steps_logged = 0, [], 0
     t_start = t_log = t_ckpt = time.monotonic()
