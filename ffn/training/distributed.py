@@ -117,9 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="--strategy async: where examples are built: coordinator (Python, "
                           "shipped per step) or worker (volumes on each worker, FOV moves "
                           "in-graph, no EM augmentations; default: %(default)s)")
-  group.add_argument("--batches_per_call", type=int, default=4,
-                     help="--async_input worker: batches of examples each scheduled call trains "
-                          "one after the other (more: less coordinator work per step; default: "
+  group.add_argument("--batches_per_call", type=int, default=1,
+                     help="--async_input worker: examples per scheduled call, in batches (more: "
+                          "less coordinator work per step; above 1 with several workers the loss "
+                          "plateaued higher in our runs, see benchmarks/README.md; default: "
                           "%(default)s)")
   group.add_argument("--scale_lr_with_replicas", action="store_true",
                      help="multiply --learning_rate by the number of replicas")
@@ -245,7 +246,7 @@ class DistributedTraining(submitit.helpers.Checkpointable):
 
   def __init__(self, config: dict[str, Any], strategy: str = "sync", num_ps: int = 1,
                scale_lr_with_replicas: bool = False, port_base: int | None = None,
-               async_input: str = "coordinator", batches_per_call: int = 4):
+               async_input: str = "coordinator", batches_per_call: int = 1):
     if strategy not in STRATEGIES:
       raise FFNError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if async_input not in ASYNC_INPUTS:
