@@ -301,14 +301,18 @@ def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
   cpoint = Path(storage.checkpoint_path(str(out), (z, y, x)))
   path = run_dir / "tasks" / "0001_0.json"
   deadline = time.monotonic() + 600
-  released = False
+  held_since, released = None, False
   while time.monotonic() < deadline:
     task = json.loads(path.read_text())
     if task["state"] == "finished":
       break
-    if not released and _pending_reason(data["job_id"]) == "BeginTime":
+    if held_since is None and _pending_reason(data["job_id"]) == "BeginTime":
+      held_since = time.monotonic()
+    if not released and held_since is not None and time.monotonic() - held_since > 3.0:
       # Slurm holds a requeued job ~2 min (its BeginTime); the requeue itself has happened, so
-      # start it now rather than sit out the hold
+      # start it now rather than sit out the hold. Not within the second of the requeue: slurmd
+      # refuses a credential issued in the second the old one was revoked ("Job credential
+      # revoked"), so 3 s after the hold was seen.
       subprocess.run(["scontrol", "update", f"JobId={data['job_id']}", "StartTime=now"], check=True,
                      timeout=30)
       released = True
