@@ -43,6 +43,12 @@ exactly at ``max_steps``). Not supported (an FFNError when the job is submitted)
 augmentations beyond permutation/reflection (rotation, elastic, misalignment, missing/blurred
 sections, brightness/contrast/gamma, noise).
 
+Status (benchmarks/README.md, bench_distributed.py --part loss): in one process and with one
+worker the loss falls as with ``ffn train``; with two concurrent workers it was unstable in our
+runs (tiny model on the shipped crop: 2.5 -> 0.5, then up to 3.8 by step 560) where
+``--async_input coordinator`` with two workers falls steadily (2.4 -> 0.29); the cause is not
+found yet, so ``coordinator`` stays the default.
+
 Data-stream position: ``examples_taken`` (in the checkpoint, as before) counts the stream
 positions handed out; a resumed run continues at that index, so the stream is the same one.
 Examples in flight at a checkpoint are not resumed (as with the eager path).
