@@ -83,6 +83,23 @@ def queued(job_name: str) -> list[str]:
   return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
+def pending_reason(job_id: str) -> str | None:
+  """Why the job ``job_id`` is pending (squeue's reason, e.g. ``BeginTime`` while Slurm holds a
+  requeued job for ~2 minutes), or None when it is not pending."""
+  result = subprocess.run(["squeue", "--noheader", "--states=PENDING", "--jobs", job_id, "--format=%r"],
+                          capture_output=True, text=True, timeout=30)
+  return result.stdout.strip() or None
+
+
+def release_requeue_hold(job_id: str) -> bool:
+  """Start a requeued job now instead of after Slurm's requeue hold; True once it was released
+  (the job pended on its BeginTime), False when it was not held (yet)."""
+  if pending_reason(job_id) != "BeginTime":
+    return False
+  subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+  return True
+
+
 def cancel_jobs(job_name: str, timeout_s: float = 60.0) -> list[str]:
   """Cancels this user's jobs named ``job_name``; returns those found in the queue (as
   :func:`queued` lists them). Raises AssertionError if any is still queued after ``timeout_s``."""
