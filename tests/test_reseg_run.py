@@ -183,7 +183,7 @@ def test_request_built_from_pairs_and_a_result_npz(volume, tmp_path):
       init_exclusion_radius=None, analysis_radius="6,6,6", max_retry_iters=2,
       segment_recovery_fraction=0.5, terminate_early=True, subdir_digits=0,
       segmentation=path, corner=None)
-  req = cli._request_from_args(args)
+  req = cli.request_from_args(args)
   assert [(p.id_a, p.id_b) for p in req.points] == [(10, 20), (10, 30), (20, 30)]
   assert req.points[0].point.x == int(table.point_zyx[0][2])
   assert (req.analysis_radius.x, req.max_retry_iters, req.terminate_early) == (6, 2, True)

@@ -58,7 +58,7 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
   return rgb
 
 
-def _boundaries(labels: np.ndarray) -> np.ndarray:
+def object_boundaries(labels: np.ndarray) -> np.ndarray:
   """True where a pixel's label differs from its right or lower neighbour (2D)."""
   edge = np.zeros(labels.shape, bool)
   edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
@@ -100,7 +100,7 @@ def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0
     color = label_colors(lab).astype(np.float32)
     on = (lab != 0)[..., None]
     tile = np.where(on, (1 - alpha) * grey + alpha * color, grey)
-    edge = (_boundaries(lab) & (lab != 0))[..., None]
+    edge = (object_boundaries(lab) & (lab != 0))[..., None]
     tiles.append(np.where(edge, color, tile).astype(np.uint8))
   height = max(t.shape[0] for t in tiles)
   gap = np.full((height, 4 * scale, 3), 255, np.uint8)

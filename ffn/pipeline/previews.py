@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ffn.axes import BoundingBox
-from ffn.inference.export import _boundaries, label_colors, scale_bar_nm
+from ffn.inference.export import object_boundaries, label_colors, scale_bar_nm
 
 MAX_PANEL_VOXELS = 400  # longest panel side (voxels) before subsampling
 HEADER_PX = 44  # two label lines above the panels
@@ -56,7 +56,7 @@ def _tile(grey: np.ndarray, labels: np.ndarray, zoom: int, alpha: float) -> np.n
   color = label_colors(labels).astype(np.float32)
   on = (labels != 0)[..., None]
   tile = np.where(on, (1 - alpha) * rgb + alpha * color, rgb)
-  edge = (_boundaries(labels) & (labels != 0))[..., None]
+  edge = (object_boundaries(labels) & (labels != 0))[..., None]
   return np.where(edge, color, tile).astype(np.uint8)
 
 

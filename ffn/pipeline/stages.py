@@ -314,7 +314,7 @@ def _base_segmentation(ctx: Context) -> str:
 def _reseg_pairs(ctx: Context) -> dict[str, Any]:
   """Pairs of touching segments, then the ResegmentationRequest (``request.pbtxt``)."""
   from google.protobuf import text_format
-  from ffn.reseg.cli import _request_from_args
+  from ffn.reseg.cli import request_from_args
   c, r = ctx.config, ctx.config["reseg"]
   g = ctx.dir("reseg_pairs")
   g.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def _reseg_pairs(ctx: Context) -> dict[str, Any]:
       init_exclusion_radius=None, analysis_radius=ctx.xyz(r["analysis_radius"]),
       max_retry_iters=r["max_retry_iters"], segment_recovery_fraction=r["segment_recovery_fraction"],
       terminate_early=False, subdir_digits=0, segmentation=seg, corner=corner)
-  request = _request_from_args(args)
+  request = request_from_args(args)
   write_text_atomic(g / "request.pbtxt", text_format.MessageToString(request))
   return {"pairs": len(request.points)}
 

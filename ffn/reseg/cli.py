@@ -147,7 +147,7 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- run
 
-def _request_from_args(args: argparse.Namespace):
+def request_from_args(args: argparse.Namespace):
   """The ResegmentationRequest of ``run`` (a given one, or built from the pairs table)."""
   from ffn.inference import inference_pb2
   from ffn.inference.request import load_request
@@ -296,7 +296,7 @@ def run_run(args: argparse.Namespace) -> int:
   from ffn.io.atomic import write_text_atomic
   from slurm.executor import SlurmOptions
   options = SlurmOptions.from_args(args)
-  request = _request_from_args(args)
+  request = request_from_args(args)
   out = request.output_directory
   os.makedirs(out, exist_ok=True)
   text = text_format.MessageToString(request)
