@@ -25,7 +25,7 @@ from ffn.cli import main
 from ffn.inference import storage
 from ffn.inference.request import format_bounding_box
 from slurm.executor import SlurmOptions
-from slurm_cluster import require_fit, slurm_job_name  # noqa: F401 - fixture
+from slurm_cluster import pending_reason, require_fit, slurm_job_name  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = BoundingBox((40, 40, 40), (64, 64, 64))
@@ -275,13 +275,6 @@ def test_killed_task_then_retry_failed_matches(tmp_path: Path, reference: Path, 
   _assert_same_chunks(out, reference)
 
 
-def _pending_reason(job_id: str) -> str | None:
-  """Why the job ``job_id`` is pending (squeue's reason), or None when it is not pending."""
-  result = subprocess.run(["squeue", "--noheader", "--states=PENDING", "--jobs", job_id, "--format=%r"],
-                          capture_output=True, text=True, timeout=30)
-  return result.stdout.strip() or None
-
-
 @pytest.mark.slurm
 def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
                                                 slurm_job_name: str) -> None:
@@ -306,7 +299,7 @@ def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
     task = json.loads(path.read_text())
     if task["state"] == "finished":
       break
-    if held_since is None and _pending_reason(data["job_id"]) == "BeginTime":
+    if held_since is None and pending_reason(data["job_id"]) == "BeginTime":
       held_since = time.monotonic()
     if not released and held_since is not None and time.monotonic() - held_since > 3.0:
       # Slurm holds a requeued job ~2 min (its BeginTime); the requeue itself has happened, so
