@@ -91,13 +91,28 @@ def pending_reason(job_id: str) -> str | None:
   return result.stdout.strip() or None
 
 
-def release_requeue_hold(job_id: str) -> bool:
-  """Start a requeued job now instead of after Slurm's requeue hold; True once it was released
-  (the job pended on its BeginTime), False when it was not held (yet)."""
-  if pending_reason(job_id) != "BeginTime":
-    return False
-  subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-  return True
+class RequeueHold:
+  """Starts a requeued job now instead of after Slurm's requeue hold (~2 min pending on its
+  BeginTime): call :meth:`poll` in a wait loop. The hold is released 3 s after it was first seen,
+  never within the second of the requeue (slurmd refuses a credential issued in the second the old
+  one was revoked: "Job credential revoked", and the job fails). On a Slurm that names the reason
+  otherwise nothing is released and the job simply starts after the hold."""
+
+  def __init__(self, job_id: str, delay_s: float = 3.0):
+    self.job_id, self.delay_s = job_id, delay_s
+    self.seen: float | None = None
+    self.released = False
+
+  def poll(self) -> None:
+    if self.released:
+      return
+    if self.seen is None:
+      if pending_reason(self.job_id) == "BeginTime":
+        self.seen = time.monotonic()
+    elif time.monotonic() - self.seen > self.delay_s:
+      subprocess.run(["scontrol", "update", f"JobId={self.job_id}", "StartTime=now"], check=True,
+                     timeout=30)
+      self.released = True
 
 
 def cancel_jobs(job_name: str, timeout_s: float = 60.0) -> list[str]:

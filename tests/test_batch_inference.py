@@ -25,7 +25,7 @@ from ffn.cli import main
 from ffn.inference import storage
 from ffn.inference.request import format_bounding_box
 from slurm.executor import SlurmOptions
-from slurm_cluster import pending_reason, require_fit, slurm_job_name  # noqa: F401 - fixture
+from slurm_cluster import RequeueHold, require_fit, slurm_job_name  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
 BOX = BoundingBox((40, 40, 40), (64, 64, 64))
@@ -294,21 +294,12 @@ def test_preempted_task_is_requeued_and_resumes(tmp_path: Path, reference: Path,
   cpoint = Path(storage.checkpoint_path(str(out), (z, y, x)))
   path = run_dir / "tasks" / "0001_0.json"
   deadline = time.monotonic() + 600
-  held_since, released = None, False
+  hold = RequeueHold(data["job_id"])  # the requeue happens; its ~2 min hold is not sat out
   while time.monotonic() < deadline:
     task = json.loads(path.read_text())
     if task["state"] == "finished":
       break
-    if held_since is None and pending_reason(data["job_id"]) == "BeginTime":
-      held_since = time.monotonic()
-    if not released and held_since is not None and time.monotonic() - held_since > 3.0:
-      # Slurm holds a requeued job ~2 min (its BeginTime); the requeue itself has happened, so
-      # start it now rather than sit out the hold. Not within the second of the requeue: slurmd
-      # refuses a credential issued in the second the old one was revoked ("Job credential
-      # revoked"), so 3 s after the hold was seen.
-      subprocess.run(["scontrol", "update", f"JobId={data['job_id']}", "StartTime=now"], check=True,
-                     timeout=30)
-      released = True
+    hold.poll()
     time.sleep(0.5)
   assert task["state"] == "finished" and task["attempt"] == 2, task
   assert task["job_id"] == data["job_id"]  # the same job, requeued

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 from ffn.errors import FFNError
 from ffn.training.distributed import port_base_for, slurm_resolver
 from slurm.executor import SlurmOptions
-from slurm_cluster import (cancel_jobs, queued, release_requeue_hold, require_fit, running_cluster,
+from slurm_cluster import (RequeueHold, cancel_jobs, queued, require_fit, running_cluster,
                            slurm_job_name)
 
 
@@ -305,10 +305,10 @@ def test_preemption_requeues_and_resumes(crop_data, slurm_job_name, tmp_path):
       time.sleep(0.5)
     # Slurm holds a requeued job back ~2 minutes (BeginTime); once it pends for that reason (the
     # requeue itself has happened), let it start now rather than sit out the hold.
-    released = False
+    hold = RequeueHold(job_id)
     while "resumed from" not in (log.read_text() if log.exists() else ""):
       assert time.monotonic() < deadline, (log.read_text() if log.exists() else "no log")
-      released = released or release_requeue_hold(job_id)
+      hold.poll()
       time.sleep(0.5)
     while not re.search(r"resumed from .* at step \d+[\s\S]*step \d+/", log.read_text()):
       assert time.monotonic() < deadline, log.read_text()
