@@ -74,6 +74,19 @@ def preview_zoom(shape_zyx, min_width: int = 900) -> int:
   return max(1, -(-min_width // max(width, 1)))
 
 
+def tinted_panel(grey: np.ndarray, labels: np.ndarray, zoom: int, alpha: float = 0.4) -> np.ndarray:
+  """RGB uint8 panel of one plane: ``grey`` (2D, 0..255) with the objects of ``labels`` (2D, same
+  shape) tinted in their colour, their boundaries in full colour, enlarged ``zoom`` times
+  (nearest neighbour)."""
+  grey = np.kron(grey.astype(np.float32), np.ones((zoom, zoom), np.float32))
+  labels = np.kron(labels, np.ones((zoom, zoom), labels.dtype))
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  color = label_colors(labels).astype(np.float32)
+  tile = np.where((labels != 0)[..., None], (1 - alpha) * rgb + alpha * color, rgb)
+  edge = (object_boundaries(labels) & (labels != 0))[..., None]
+  return np.where(edge, color, tile).astype(np.uint8)
+
+
 def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0.4,
                   min_width: int = 900) -> np.ndarray:
   """RGB uint8 mosaic [xy | xz | yz] of the centre slices of z,y,x arrays.
@@ -92,16 +105,7 @@ def ortho_preview(image: np.ndarray | None, labels: np.ndarray, alpha: float = 0
     norm = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     cuts_i = [norm[center[0]], norm[:, center[1], :], norm[:, :, center[2]]]
   scale = preview_zoom(labels.shape, min_width)
-  tiles = []
-  for img, lab in zip(cuts_i, cuts_l):
-    img = np.kron(img, np.ones((scale, scale), np.float32))
-    lab = np.kron(lab, np.ones((scale, scale), lab.dtype))
-    grey = np.repeat(img[..., None], 3, axis=-1)
-    color = label_colors(lab).astype(np.float32)
-    on = (lab != 0)[..., None]
-    tile = np.where(on, (1 - alpha) * grey + alpha * color, grey)
-    edge = (object_boundaries(lab) & (lab != 0))[..., None]
-    tiles.append(np.where(edge, color, tile).astype(np.uint8))
+  tiles = [tinted_panel(img, lab, scale, alpha) for img, lab in zip(cuts_i, cuts_l)]
   height = max(t.shape[0] for t in tiles)
   gap = np.full((height, 4 * scale, 3), 255, np.uint8)
   padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]

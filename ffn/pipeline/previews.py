@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ffn.axes import BoundingBox
-from ffn.inference.export import object_boundaries, label_colors, scale_bar_nm
+from ffn.inference.export import scale_bar_nm, tinted_panel
 
 MAX_PANEL_VOXELS = 400  # longest panel side (voxels) before subsampling
 HEADER_PX = 44  # two label lines above the panels
@@ -45,19 +45,6 @@ def read_planes(read: Reader, box: BoundingBox, centre_xyz: Sequence[int]) -> li
   columns y), read by ``read`` one plane at a time."""
   xy, xz, yz = (read(p) for p in plane_boxes(box, centre_xyz))
   return [xy[0], xz[:, 0, :], yz[:, :, 0]]
-
-
-def _tile(grey: np.ndarray, labels: np.ndarray, zoom: int, alpha: float) -> np.ndarray:
-  """RGB uint8 panel: ``grey`` (0..255) with the objects of ``labels`` tinted, boundaries in full
-  colour, enlarged ``zoom`` times."""
-  grey = np.kron(grey, np.ones((zoom, zoom), np.float32))
-  labels = np.kron(labels, np.ones((zoom, zoom), labels.dtype))
-  rgb = np.repeat(grey[..., None], 3, axis=-1)
-  color = label_colors(labels).astype(np.float32)
-  on = (labels != 0)[..., None]
-  tile = np.where(on, (1 - alpha) * rgb + alpha * color, rgb)
-  edge = (object_boundaries(labels) & (labels != 0))[..., None]
-  return np.where(edge, color, tile).astype(np.uint8)
 
 
 def _arrow(draw, x: float, y: float, direction: str) -> None:
@@ -88,7 +75,7 @@ def plane_preview(image_planes: Sequence[np.ndarray] | None, label_planes: Seque
     greys = [np.clip((p - lo) / max(hi - lo, 1e-6), 0, 1) * 255 for p in images]
   width_voxels = sum(p.shape[1] for p in labels) + 2 * GAP_VOXELS
   zoom = max(1, -(-min_width // width_voxels))
-  tiles = [_tile(g, lab, zoom, alpha) for g, lab in zip(greys, labels)]
+  tiles = [tinted_panel(g, lab, zoom, alpha) for g, lab in zip(greys, labels)]
   height = max(t.shape[0] for t in tiles)
   gap = np.full((height, GAP_VOXELS * zoom, 3), 255, np.uint8)
   padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
