@@ -180,12 +180,17 @@ class Trainer:
     replica = tf.distribute.get_replica_context()
     if replica.num_replicas_in_sync > 1:
       grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+    self.apply_gradients(grads)
+    return logits, loss
+
+  def apply_gradients(self, grads: list[tf.Tensor]) -> None:
+    """google's update: every gradient element clipped to +/- ``max_gradient_entry_mag`` (when
+    > 0), the optimizer's step, the global step + 1."""
     clip = self.cfg.max_gradient_entry_mag
     if clip > 0:
       grads = [tf.clip_by_value(g, -clip, clip) for g in grads]
     self.optimizer.apply(grads, self.variables)
     self.step.assign_add(1)
-    return logits, loss
 
   def _run_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
     """One training step on this worker's batch; returns (logits as numpy, mean local loss)."""

@@ -287,12 +287,7 @@ class InGraphFov:
       xent = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
       per_example = tf.reduce_mean(xent, axis=[1, 2, 3, 4])
       loss = tf.reduce_sum(per_example * weights) / tf.reduce_sum(weights)
-    grads = tape.gradient(loss, t.variables)
-    clip = self.cfg.max_gradient_entry_mag
-    if clip > 0:
-      grads = [tf.clip_by_value(g, -clip, clip) for g in grads]
-    t.optimizer.apply(grads, t.variables)
-    t.step.assign_add(1)
+    t.apply_gradients(tape.gradient(loss, t.variables))
     return logits, loss
 
   def _call(self, iterator, volume, start, perm, flips, offset_scale, moves, budget):
