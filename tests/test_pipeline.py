@@ -207,3 +207,20 @@ def test_two_chunk_pipeline_equals_the_commands_run_by_hand(tmp_path, capsys):
   oracle = evaluate(expected, gt)
   for key in ("vi_split", "vi_merge", "adapted_rand_error", "segments"):
     assert scores[key] == oracle[key], key
+
+
+def test_run_dir_of_other_files_is_refused_and_left_intact(tmp_path, capsys):
+  """A run directory that holds files but no pipeline run is never written into."""
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "report.html").write_text("the user's own file")
+  path = tmp_path / "pipeline.toml"
+  path.write_text(_config(run_dir))
+  for extra in ([], ["--dry_run"]):
+    status, out, err = _run(["pipeline", "run", str(path), *extra], capsys)
+    assert status == 2 and out == "", (out, err)
+    assert err.strip() == (f"ffn pipeline: error: {path}: run.run_dir {run_dir}: exists, is not "
+                           "empty and holds no pipeline run (no plan.json); give a new or empty "
+                           "directory"), err
+    assert [p.name for p in run_dir.iterdir()] == ["report.html"]
+    assert (run_dir / "report.html").read_text() == "the user's own file"

@@ -147,6 +147,9 @@ def run_pipeline(config_path: str, dry_run: bool = False, force_from: str | None
   c = planlib.resolve(config)
   run_dir = Path(c["run"]["run_dir"])
   old_plan = read_json(run_dir / "plan.json")
+  if old_plan is None and run_dir.is_dir() and any(run_dir.iterdir()):
+    raise FFNError(f"{config_path}: run.run_dir {run_dir}: exists, is not empty and holds no "
+                   "pipeline run (no plan.json); give a new or empty directory")
   generations = {s["name"]: s.get("generation", 1) for s in (old_plan or {}).get("stages", [])}
   stages = planlib.build_stages(c, run_dir, generations)
   names = [s.name for s in stages]
